@@ -1,0 +1,92 @@
+"""The building blocks shared by the MobileNet backbones and the heads."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ActFactory = Callable[[], nn.Module] | None
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round `value` to the nearest multiple of `divisor`, never going more than 10% below it.
+
+    This is the rounding the MobileNetV2 paper and its TF release use for width multipliers.
+    """
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> optional activation, with 'same' padding for odd kernels."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        act: ActFactory = nn.ReLU6,
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ):
+        padding = (kernel_size - 1) // 2 * dilation
+        layers = OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                           dilation=dilation, groups=groups, bias=False),
+            bn=norm(out_channels),
+        )
+        if act is not None:
+            layers["act"] = act()
+        super().__init__(layers)
+        self.out_channels = out_channels
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """MobileNetV1's block: 3x3 depthwise conv + BN + act, then 1x1 pointwise conv + BN + act."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1,
+                 act: ActFactory = nn.ReLU, norm: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        super().__init__(OrderedDict(
+            dw=ConvBNAct(in_channels, in_channels, 3, stride, groups=in_channels, dilation=dilation,
+                         act=act, norm=norm),
+            pw=ConvBNAct(in_channels, out_channels, 1, act=act, norm=norm),
+        ))
+        self.out_channels = out_channels
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's bottleneck: 1x1 expansion (t) -> 3x3 depthwise -> linear 1x1 projection.
+
+    The residual connection exists only where input and output shapes match. `forward` can also
+    return the expansion output, which is where SSDLite attaches its first prediction layer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int,
+                 dilation: int = 1, norm: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        hidden = int(round(in_channels * expand_ratio))
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.expand = (ConvBNAct(in_channels, hidden, 1, act=nn.ReLU6, norm=norm)
+                       if expand_ratio != 1 else nn.Identity())
+        self.dw = ConvBNAct(hidden, hidden, 3, stride, groups=hidden, dilation=dilation,
+                            act=nn.ReLU6, norm=norm)
+        self.project = ConvBNAct(hidden, out_channels, 1, act=None, norm=norm)
+        self.hidden_channels = hidden
+        self.out_channels = out_channels
+
+    def forward_with_expansion(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        expanded = self.expand(x)
+        out = self.project(self.dw(expanded))
+        if self.use_residual:
+            out = out + x
+        return out, expanded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_expansion(x)[0]
