@@ -26,6 +26,9 @@ BLOCKS = (
 # C4 is "conv11" (Conv2d_11_pointwise in TF's naming), the last 512-channel block.
 TAPS = {"C2": 2, "C3": 4, "C4": 10, "C5": 12}
 
+# The paper's Table 1 uses ReLU; TF-slim's release (and so timm's weights) uses ReLU6.
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+
 
 def v1_channels(channels: int, width_mult: float, min_depth: int = 8) -> int:
     return max(int(channels * width_mult), min_depth)
@@ -34,10 +37,14 @@ def v1_channels(channels: int, width_mult: float, min_depth: int = 8) -> int:
 class MobileNetV1(Backbone):
     def __init__(self, width_mult: float = 1.0, output_stride: int = 32,
                  out_features: Sequence[str] | None = None, min_depth: int = 8,
-                 norm_eps: float = 1e-5, norm_momentum: float = 0.1, pretrained: str | None = None):
+                 act: str = "relu", norm_eps: float = 1e-5, norm_momentum: float = 0.1,
+                 pretrained: str | None = None):
         super().__init__(out_features, output_stride)
         if width_mult <= 0:
             raise ValueError(f"backbone.width_mult={width_mult} must be > 0.")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"backbone.act={act!r} is not supported; expected one of {sorted(ACTIVATIONS)}.")
+        activation = ACTIVATIONS[act]
         self.width_mult = width_mult
 
         def norm(c: int) -> nn.Module:
@@ -45,12 +52,12 @@ class MobileNetV1(Backbone):
 
         kernel, stem_channels, stem_stride = STEM
         in_ch = v1_channels(stem_channels, width_mult, min_depth)
-        self.stem = ConvBNAct(3, in_ch, kernel, stem_stride, act=nn.ReLU, norm=norm)
+        self.stem = ConvBNAct(3, in_ch, kernel, stem_stride, act=activation, norm=norm)
         plan = tail_dilation_plan([s for s, _ in BLOCKS], output_stride, initial_stride=stem_stride)
         blocks, stride_so_far = [], stem_stride
         for i, ((_, channels), (stride, dilation)) in enumerate(zip(BLOCKS, plan)):
             out_ch = v1_channels(channels, width_mult, min_depth)
-            blocks.append(DepthwiseSeparable(in_ch, out_ch, stride, dilation, act=nn.ReLU, norm=norm))
+            blocks.append(DepthwiseSeparable(in_ch, out_ch, stride, dilation, act=activation, norm=norm))
             stride_so_far *= stride
             for name, index in TAPS.items():
                 if index == i:

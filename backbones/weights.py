@@ -24,6 +24,13 @@ from .classifier import ImageClassifier
 TORCHVISION_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 TIMM_MODELS = ("mobilenetv1_100", "mobilenetv1_125")
 SOURCES = (*(f"torchvision:{w}" for w in TORCHVISION_WEIGHTS), *(f"timm:{m}" for m in TIMM_MODELS))
+# "imagenet": each backbone's published ImageNet weights, so swapping backbones in a config that
+# asks for pretrained weights needs no other change. Keyed by (backbone class, width).
+IMAGENET_DEFAULTS = {
+    ("MobileNetV2", 1.0): "torchvision:IMAGENET1K_V1",
+    ("MobileNetV1", 1.0): "timm:mobilenetv1_100",
+    ("MobileNetV1", 1.25): "timm:mobilenetv1_125",
+}
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 # The layout each family was trained with, and the backbone class it converts into.
@@ -132,6 +139,10 @@ def load_pretrained(model: nn.Module, source: str, strict: bool = True) -> nn.Mo
     else:
         raise TypeError(f"load_pretrained expects a mobilevision Backbone or ImageClassifier, "
                         f"got {type(model).__name__}.")
+    activation_strict = strict
+    if source == "imagenet":
+        source = imagenet_source(backbone)
+        activation_strict = False  # fine-tuning adapts; a warning still says so
     label = f"checkpoint {source}"
     raw = _read_source(source, label)
     family = _detect_family(raw, label)
@@ -147,9 +158,19 @@ def load_pretrained(model: nn.Module, source: str, strict: bool = True) -> nn.Mo
         drop = "last_conv." if prefix else "backbone.last_conv."
         converted = {k: v for k, v in converted.items() if not k.startswith(drop)}
     _check_fit(model, converted, label, strict)
-    _check_activation(backbone, activation, name, label, strict)
+    _check_activation(backbone, activation, name, label, activation_strict)
     model.load_state_dict(converted, strict=strict)
     return model
+
+
+def imagenet_source(backbone: Backbone) -> str:
+    """The published ImageNet weights for this backbone class and width."""
+    key = (type(backbone).__name__, float(getattr(backbone, "width_mult", 0)))
+    if key not in IMAGENET_DEFAULTS:
+        available = ", ".join(f"{cls} width {w}" for cls, w in IMAGENET_DEFAULTS)
+        raise ValueError(f"pretrained=imagenet has no published weights for {_describe(backbone)}; "
+                         f"they exist for {available} (or pass a local file).")
+    return IMAGENET_DEFAULTS[key]
 
 
 def _read_source(source: str, label: str) -> dict[str, torch.Tensor]:
@@ -180,7 +201,7 @@ def _read_source(source: str, label: str) -> dict[str, torch.Tensor]:
 
 
 def _unknown(source: str) -> str:
-    return (f"pretrained source {source!r} is unknown; expected one of {', '.join(SOURCES)}, "
+    return (f"pretrained source {source!r} is unknown; expected imagenet, one of {', '.join(SOURCES)}, "
             f"or the path of a local .pth/.pt/.safetensors file.")
 
 
