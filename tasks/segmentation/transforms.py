@@ -1,0 +1,121 @@
+"""Mask-aware augmentation for segmentation (albumentations 2.x), DeepLab's recipe.
+
+Train: random scale 0.5-2.0 -> pad to the crop size (image with the mean colour, i.e. 0 once
+normalised; mask with ignore) -> random crop -> horizontal flip -> optional photometric -> normalise.
+Eval: shrink the longer side to the crop size only when the image is larger, then pad bottom/right to
+the crop size, so the image sits at the top-left, unresized, as DeepLab evaluates VOC at 513.
+Masks are always resampled nearest-neighbour.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import time
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import get_worker_info  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_valid_size(height: int, width: int, crop_size: int) -> tuple[int, int]:
+    """The top-left region of the eval input that holds an image of (height, width)."""
+    scale = min(1.0, crop_size / max(height, width))
+    if scale == 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class SegmentationTransform:
+    """`(image HWC uint8 RGB, mask HW uint8) -> (image float32 [3, S, S], mask int64 [S, S])`.
+
+    Inside a DataLoader worker the random state is re-seeded from the worker's torch seed (which
+    differs per worker and per epoch), so forked workers never repeat each other's augmentations.
+    """
+
+    def __init__(self, crop_size: int, train: bool, pipeline: A.Compose, shrink: A.BasicTransform | None,
+                 seed: int | None):
+        self.crop_size = crop_size
+        self.train = train
+        self.pipeline = pipeline
+        self.shrink = shrink
+        self.seed = seed
+        self._seeded_for: tuple[int, int] | None = None
+
+    def _reseed_in_worker(self) -> None:
+        info = get_worker_info()
+        if info is None:
+            return
+        key = (os.getpid(), info.seed)
+        if key != self._seeded_for:
+            self.pipeline.set_random_seed((info.seed + (self.seed or 0)) % 2**32)
+            self._seeded_for = key
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = np.asarray(image), np.asarray(mask)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"segmentation transforms expect an RGB uint8 image [H, W, 3]; got "
+                             f"{image.dtype} {image.shape}.")
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask of shape {mask.shape} does not match its image of shape {image.shape[:2]}.")
+        if mask.dtype != np.uint8:
+            if mask.size and (mask.min() < 0 or mask.max() > 255):
+                raise ValueError(f"mask values must be in 0..255; got {mask.min()}..{mask.max()}.")
+            mask = mask.astype(np.uint8)
+        self._reseed_in_worker()
+        if self.shrink is not None and max(image.shape[:2]) > self.crop_size:
+            out = self.shrink(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        out = self.pipeline(image=image, mask=mask)
+        tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        return tensor, torch.from_numpy(np.ascontiguousarray(out["mask"])).to(torch.int64)
+
+
+def build_segmentation_transforms(
+    crop_size: int,
+    train: bool,
+    scale_range: Sequence[float] = (0.5, 2.0),
+    hflip: bool = True,
+    photometric: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    ignore_index: int = 255,
+    seed: int | None = None,
+) -> SegmentationTransform:
+    if crop_size < 1:
+        raise ValueError(f"crop_size={crop_size} must be a positive number of pixels.")
+    low, high = (float(s) for s in scale_range)
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range={list(scale_range)} must be (low, high) with 0 < low <= high.")
+    fill = tuple(float(round(m * 255)) for m in mean)  # the mean colour: 0 after normalising
+    pad = A.PadIfNeeded(crop_size, crop_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                        fill=fill, fill_mask=ignore_index)
+    normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
+    if train:
+        steps: list[A.BasicTransform] = [
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
+                          mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+            pad,
+            A.RandomCrop(crop_size, crop_size),
+        ]
+        if hflip:
+            steps.append(A.HorizontalFlip(p=0.5))
+        if photometric:
+            steps.append(A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02, p=0.8))
+        shrink = None
+    else:
+        steps = [pad]
+        shrink = A.LongestMaxSize(max_size=crop_size, interpolation=cv2.INTER_LINEAR,
+                                  mask_interpolation=cv2.INTER_NEAREST, p=1.0)
+    steps.append(normalize)
+    pipeline = A.Compose(steps, seed=seed, mask_interpolation=cv2.INTER_NEAREST)
+    return SegmentationTransform(crop_size, train, pipeline, shrink, seed)
+
+
+__all__ = ["build_segmentation_transforms", "SegmentationTransform", "eval_valid_size", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
