@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tasks.data import collate
+
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -23,12 +25,6 @@ def to_tensor(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std, torch.from_numpy(np.ascontiguousarray(mask)).to(torch.int64)
-
-
-def collate(batch):
-    """Stack images into [B, 3, H, W]; keep targets as a list of dicts."""
-    images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
 
 
 def read_index_png(path: Path) -> np.ndarray:

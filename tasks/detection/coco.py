@@ -1,0 +1,132 @@
+"""COCO instances json -> (image, target) pairs for detection training and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from tasks.detection.coco_eval import CocoEvaluator
+from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+DetectionTransformFn = Callable[
+    [np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB (no EXIF rotation: COCO and VOC annotate the stored pixels)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist.")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def normalise_only(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The transform used when none is given: native size, ImageNet normalisation, boxes divided by (w, h)."""
+    h, w = image.shape[:2]
+    mean = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
+    std = np.asarray(IMAGENET_STD, np.float32) * 255.0
+    img = (image.astype(np.float32) - mean) / std
+    scale = np.array([w, h, w, h], np.float32)
+    return (
+        torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+        torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4) / scale),
+        torch.from_numpy(np.asarray(labels, np.int64).reshape(-1)),
+    )
+
+
+class CocoDetection(Dataset):
+    """COCO detection: contiguous labels 0..K-1 in category-id order, crowd boxes left out of the targets
+    (COCOeval handles them from the json), images without boxes kept, xywh -> clipped xyxy, boxes with no
+    width or height after clipping dropped. `train` is recorded for the engine; targets are the same in
+    both modes because evaluation reads the ground truth from the json itself."""
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        transforms: DetectionTransformFn | None = None,
+        train: bool = True,
+    ):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {self.ann_file} does not exist.")
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder {self.image_dir} does not exist.")
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                self.coco = COCO(str(self.ann_file))
+            except (AssertionError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{self.ann_file} is not a COCO instances json ({err!r}).") from err
+        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        if not cats:
+            raise ValueError(f"{self.ann_file} lists no categories; expected COCO 'categories' entries.")
+        self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
+        self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
+        self.class_names: list[str] = [str(c["name"]) for c in cats]
+        self.num_classes = len(cats)
+        self.image_ids: list[int] = sorted(int(i) for i in self.coco.imgs)
+        self.transforms: DetectionTransformFn = transforms if transforms is not None else normalise_only
+        self.train = bool(train)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def get_annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training boxes of image `index`, image not decoded: float32 [N,4] xyxy pixels, int64 [N] labels."""
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        width, height = float(info["width"]), float(info["height"])
+        boxes, labels = [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if ann.get("iscrowd", 0):
+                continue
+            bbox = ann.get("bbox")
+            if bbox is None or len(bbox) != 4:
+                raise ValueError(
+                    f"{self.ann_file}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h]."
+                )
+            cat = int(ann["category_id"])
+            if cat not in self.cat_id_to_label:
+                raise ValueError(
+                    f"{self.ann_file}: annotation {ann.get('id')} has category_id {cat}, "
+                    "which is not in 'categories'."
+                )
+            x, y, w, h = (float(v) for v in bbox)
+            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+            if x2 > x1 and y2 > y1:
+                boxes.append((x1, y1, x2, y2))
+                labels.append(self.cat_id_to_label[cat])
+        return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        image = load_rgb(self.image_dir / info["file_name"])
+        if image.shape[0] != info["height"] or image.shape[1] != info["width"]:
+            raise ValueError(
+                f"{self.image_dir / info['file_name']} is {image.shape[1]}x{image.shape[0]} but "
+                f"{self.ann_file} says {info['width']}x{info['height']}."
+            )
+        boxes, labels = self.get_annotations(index)
+        img, boxes_t, labels_t = self.transforms(image, boxes, labels)
+        target = {
+            "boxes": boxes_t,
+            "labels": labels_t,
+            "image_id": int(image_id),
+            "orig_size": torch.tensor(image.shape[:2], dtype=torch.int64),
+        }
+        return img, target
+
+    def evaluator(self) -> CocoEvaluator:
+        return CocoEvaluator(self.coco, self.label_to_cat_id)

@@ -1,0 +1,174 @@
+"""PASCAL VOC detection: Annotations/*.xml listed by ImageSets/Main/<image_set>.txt -> (image, target)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tasks.detection.coco import DetectionTransformFn, load_rgb, normalise_only
+from tasks.detection.voc_eval import VOCEvaluator
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VOCRecord:
+    """One image's parsed xml. Boxes are 0-based continuous pixels: (xmin - 1, ymin - 1, xmax, ymax)."""
+
+    root: Path
+    name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [N,4], all objects, difficult included
+    labels: np.ndarray  # int64 [N]
+    difficult: np.ndarray  # bool [N]
+
+
+def _text(node: ET.Element | None) -> str | None:
+    return None if node is None or node.text is None or not node.text.strip() else node.text.strip()
+
+
+def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, name: str) -> VOCRecord:
+    """Parse one VOC annotation; an empty or missing <difficult> means 0 (the re-annotated VOC2011 files
+    leave it empty). Boxes are clipped to the image; a box with no area left is dropped (as COCO's are)."""
+    if not xml_path.is_file():
+        raise FileNotFoundError(f"VOC annotation {xml_path} does not exist.")
+    try:
+        tree = ET.parse(xml_path).getroot()
+    except ET.ParseError as err:
+        raise ValueError(f"VOC annotation {xml_path} is not valid xml ({err}).") from err
+    size = tree.find("size")
+    width = _text(size.find("width")) if size is not None else None
+    height = _text(size.find("height")) if size is not None else None
+    if width is None or height is None:
+        image_path = root / "JPEGImages" / f"{name}.jpg"
+        if not image_path.is_file():
+            raise FileNotFoundError(f"{xml_path} has no <size> and image {image_path} does not exist.")
+        with Image.open(image_path) as im:  # reads the header only
+            width, height = im.size
+    width, height = int(float(width)), int(float(height))
+    boxes, labels, difficult = [], [], []
+    for obj in tree.findall("object"):
+        cls = _text(obj.find("name"))
+        if cls not in class_to_label:
+            raise ValueError(f"{xml_path}: object class {cls!r} is not one of {sorted(class_to_label)}.")
+        bnd = obj.find("bndbox")
+        try:
+            x1, y1, x2, y2 = (float(_text(bnd.find(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (AttributeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{xml_path}: a {cls!r} object lacks numeric bndbox xmin/ymin/xmax/ymax."
+            ) from err
+        box = (
+            min(max(x1 - 1.0, 0.0), width),
+            min(max(y1 - 1.0, 0.0), height),
+            min(max(x2, 0.0), width),
+            min(max(y2, 0.0), height),
+        )
+        if not (box[2] > box[0] and box[3] > box[1]):
+            continue
+        diff = _text(obj.find("difficult"))
+        boxes.append(box)
+        labels.append(class_to_label[cls])
+        difficult.append(bool(int(float(diff))) if diff is not None else False)
+    return VOCRecord(
+        root=root,
+        name=name,
+        width=width,
+        height=height,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        labels=np.asarray(labels, np.int64),
+        difficult=np.asarray(difficult, bool),
+    )
+
+
+class VOCDetection(Dataset):
+    """VOC detection over one or more VOC20xx folders (e.g. [VOC2007, VOC2012] with image_set "trainval").
+
+    Targets hold the non-difficult objects only; the difficult ones stay in `records` for the evaluator,
+    which ignores detections matched to them as the VOC metric does. `image_id` is the dataset index (VOC
+    names are strings and need not be unique across years); `image_names[i]` is the VOC name. `train` is
+    recorded for the engine; targets are the same in both modes. `use_07_metric` picks the evaluator's
+    11-point AP (VOC2007 test) instead of the all-points one (VOC2010+)."""
+
+    def __init__(
+        self,
+        root: str | Path | Sequence[str | Path],
+        image_set: str | Sequence[str] = "train",
+        transforms: DetectionTransformFn | None = None,
+        train: bool = True,
+        class_names: Sequence[str] = VOC_CLASSES,
+        use_07_metric: bool = False,
+    ):
+        roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+        sets = [image_set] * len(roots) if isinstance(image_set, str) else list(image_set)
+        if not roots or len(sets) != len(roots):
+            raise ValueError(
+                f"got {len(roots)} VOC roots and {len(sets)} image sets; expected one set per root."
+            )
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        class_to_label = {c: i for i, c in enumerate(self.class_names)}
+        self.records: list[VOCRecord] = []
+        for r, s in zip(roots, sets, strict=True):
+            list_file = r / "ImageSets" / "Main" / f"{s}.txt"
+            if not list_file.is_file():
+                raise FileNotFoundError(
+                    f"VOC image list {list_file} does not exist (check root and image_set)."
+                )
+            names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+            for name in names:
+                self.records.append(parse_voc_xml(r / "Annotations" / f"{name}.xml", class_to_label, r, name))
+        self.image_names = [rec.name for rec in self.records]
+        self.image_ids = list(range(len(self.records)))
+        self.transforms: DetectionTransformFn = transforms if transforms is not None else normalise_only
+        self.train = bool(train)
+        self.use_07_metric = bool(use_07_metric)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get_annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training boxes (difficult excluded) without decoding the image: float32 [N,4] pixels, int64 [N]."""
+        rec = self.records[index]
+        keep = ~rec.difficult
+        return rec.boxes[keep], rec.labels[keep]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        rec = self.records[index]
+        path = rec.root / "JPEGImages" / f"{rec.name}.jpg"
+        image = load_rgb(path)
+        if image.shape[:2] != (rec.height, rec.width):
+            raise ValueError(
+                f"{path} is {image.shape[1]}x{image.shape[0]} but its annotation says "
+                f"{rec.width}x{rec.height}."
+            )
+        boxes, labels = self.get_annotations(index)
+        img, boxes_t, labels_t = self.transforms(image, boxes, labels)
+        target = {
+            "boxes": boxes_t,
+            "labels": labels_t,
+            "image_id": index,
+            "orig_size": torch.tensor(image.shape[:2], dtype=torch.int64),
+        }
+        return img, target
+
+    def ground_truth(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """image_id -> (boxes in original pixels, labels, difficult): every object, for the VOC metric."""
+        return {i: (rec.boxes, rec.labels, rec.difficult) for i, rec in enumerate(self.records)}
+
+    def evaluator(self) -> VOCEvaluator:
+        """VOC mAP@0.5; 11-point AP when built with use_07_metric=True (the VOC2007 test convention)."""
+        return VOCEvaluator(
+            self.ground_truth(), self.class_names, iou_threshold=0.5, use_07_metric=self.use_07_metric
+        )
