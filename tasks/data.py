@@ -1,12 +1,18 @@
-"""Batching and loading shared by every task."""
+"""Batching, sampling and loading shared by every task.
+
+Every sample's augmentation is seeded from (seed, epoch, index), and the sampler's order from
+(seed, epoch): the stream then depends neither on the number of workers nor on where a run was
+interrupted, which is what makes resuming exact.
+"""
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasks import distributed as dist
 
@@ -23,24 +29,86 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, l
     return torch.stack(images), list(targets)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + index) % 2**32
+
+
+class PerSampleSeeds(Dataset):
+    """Wraps a dataset so each item's augmentation is seeded from (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        transforms = getattr(self.dataset, "transforms", None)
+        if hasattr(transforms, "set_random_seed"):
+            transforms.set_random_seed(sample_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # evaluator(), num_classes, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class EpochSampler(Sampler[int]):
+    """Order from (seed, epoch); this rank's share; and a start position inside the epoch.
+
+    Training drops the tail that does not divide by the number of ranks, so every rank takes the
+    same number of steps (DDP needs that); evaluation keeps every sample exactly once.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int, drop_uneven: bool):
+        self.size, self.shuffle, self.seed, self.drop_uneven = size, shuffle, seed, drop_uneven
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """`start`: how many of this rank's samples of `epoch` were already consumed."""
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        end = self.size - self.size % self.world_size if self.drop_uneven else self.size
+        return order[self.rank:end:self.world_size][self.start:]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
 def seed_worker(worker_id: int) -> None:
-    """Each worker (and each epoch) gets its own augmentation stream; albumentations keeps its own
-    generator, which forked workers would otherwise share."""
+    """Global RNGs of each worker: its own, derived from the loader's seed for this epoch."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transforms = getattr(info.dataset, "transforms", None) if info else None
-    if hasattr(transforms, "set_random_seed"):
-        transforms.set_random_seed(seed)
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if dist.is_distributed():
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate, drop_last=train,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
-                      generator=generator, persistent_workers=False)
+    wrapped = PerSampleSeeds(dataset, seed)
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, drop_uneven=train)
+    return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=train, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Position `loader` at `start_batch` of `epoch` (0 for a fresh epoch)."""
+    loader.dataset.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
+    if loader.generator is not None:  # worker seeds follow the epoch too
+        loader.generator.manual_seed(loader.dataset.seed + epoch)

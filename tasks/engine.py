@@ -2,10 +2,12 @@
 
 The model follows the head contract (forward -> outputs, loss(outputs, targets) -> named terms,
 predict(outputs, sizes) -> results); datasets give `evaluator()` objects. Everything a run
-writes goes to `run_dir` (Hydra's run directory).
+writes goes to `run_dir` (Hydra's run directory); only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -18,13 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tasks import distributed as dist
 from tasks.checkpoint import load_checkpoint, save_checkpoint
+from tasks.data import set_loader_epoch
 
 log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,10 +44,17 @@ class EngineOptions:
     clip_grad_norm: float | None = None
     log_every: int = 20
     progress: bool = True
+    amp: str | None = None               # None, "bf16" or "fp16" (fp16 only on GPU, with a grad scaler)
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: float | None = None       # e.g. 0.9998; the EMA is what gets evaluated and saved as best
+    checkpoint_every_steps: int = 0      # also write last.ckpt inside an epoch (for exact resume)
+    check_sync_every: int = 0            # DDP: compare the ranks' weights bit for bit every N steps
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, AveragedModel)) else model
 
 
 def to_device(targets: Iterable[dict], device: torch.device) -> list[dict]:
@@ -63,7 +76,34 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state in types torch.load(weights_only=True) accepts (no numpy objects)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_python_state(state):
+    # weights_only loading turns the tuple of python's random state into lists
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def weights_digest(model: nn.Module) -> str:
+    with torch.no_grad():
+        flat = torch.cat([p.detach().flatten().double().cpu() for p in unwrap(model).parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
 class Engine:
@@ -71,21 +111,33 @@ class Engine:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
                  val_loader: DataLoader | None, evaluator_factory: Callable[[], Any], run_dir: str | Path,
                  options: EngineOptions, device: torch.device, config: dict | None = None):
+        self.options = options
+        self.device = device
+        if options.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.forward_model = torch.compile(model) if options.compile else model
+        self.ema = (AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay),
+                                  use_buffers=True) if options.ema_decay else None)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.evaluator_factory = evaluator_factory
         self.run_dir = Path(run_dir)
-        self.options = options
-        self.device = device
         self.config = config or {}
+        if options.amp not in (None, *AMP_DTYPES):
+            raise ValueError(f"amp={options.amp!r} is not supported; expected null, bf16 or fp16.")
+        if options.amp == "fp16" and device.type != "cuda":
+            raise ValueError("amp=fp16 needs a GPU (its grad scaler is CUDA-only); use amp=bf16 on CPU.")
+        self.scaler = torch.amp.GradScaler("cuda") if options.amp == "fp16" else None
         self.epoch = 0
+        self.batch_in_epoch = 0
         self.step = 0
         self.best_metric: float | None = None
         self.primary_metric: str | None = None
         self.history: list[dict[str, float]] = []
+        self.sync_checks = 0
         self._writer = None
 
     # -- logging ---------------------------------------------------------------------------------
@@ -103,11 +155,23 @@ class Engine:
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """What gets evaluated and deployed: the EMA of the weights when enabled."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best_metric": self.best_metric, "history": self.history, "config": self.config,
-                "rng": rng_state()}
+        state = {"model": self.eval_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                 "batch_in_epoch": self.batch_in_epoch, "step": self.step, "best_metric": self.best_metric,
+                 "primary_metric": self.primary_metric, "history": self.history, "config": self.config,
+                 "rng": rng_state()}
+        if self.ema is not None:
+            state["train_model"] = unwrap(self.model).state_dict()
+            state["ema_updates"] = self.ema.n_averaged
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def save(self, name: str) -> Path | None:
         if not dist.is_main():
@@ -116,27 +180,31 @@ class Engine:
 
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
-        unwrap(self.model).load_state_dict(state["model"])
+        unwrap(self.model).load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.copy_(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.best_metric, self.history = state["best_metric"], state.get("history", [])
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state.get("batch_in_epoch", 0), state["step"]
+        self.best_metric, self.primary_metric = state["best_metric"], state.get("primary_metric")
+        self.history = state.get("history", [])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.batch_in_epoch, self.step)
 
     # -- loops -----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         last_metrics: dict[str, float] = {}
         while self.epoch < self.options.epochs:
-            sampler = getattr(self.train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
             train_stats = self.train_epoch()
             self.epoch += 1
+            self.batch_in_epoch = 0
             record = {"epoch": self.epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-            evaluate_now = self.val_loader is not None and (
-                self.epoch % self.options.eval_every == 0 or self.epoch == self.options.epochs)
-            if evaluate_now:
-                last_metrics = self.evaluate()
+            if self.val_loader is not None and (self.epoch % self.options.eval_every == 0
+                                                or self.epoch == self.options.epochs):
+                last_metrics = {k: float(v) for k, v in self.evaluate().items()}
                 record.update({f"val/{k}": v for k, v in last_metrics.items()})
                 self._scalars("val", last_metrics, self.epoch)
                 score = last_metrics[self.primary_metric]
@@ -154,28 +222,32 @@ class Engine:
             self._writer.close()
         return last_metrics
 
+    def _autocast(self):
+        if self.options.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.options.amp])
+
     def train_epoch(self) -> dict[str, float]:
-        model = self.model
-        model.train()
+        self.model.train()
+        set_loader_epoch(self.train_loader, self.epoch, self.batch_in_epoch)
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.options.epochs}",
                    disable=not (self.options.progress and dist.is_main()), dynamic_ncols=True, leave=False)
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
+            if self.options.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             targets = to_device(targets, self.device)
-            outputs = model(images)
-            losses = unwrap(model).loss(outputs, targets)
+            with self._autocast():
+                outputs = self.forward_model(images)
+                losses = unwrap(self.model).loss(outputs, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 self._stop_on_non_finite(loss, losses, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.options.clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), self.options.clip_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
+            self._optimizer_step(loss)
             self.step += 1
+            self.batch_in_epoch += 1
             seen += images.shape[0]
             values = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(loss.detach())}
             for k, v in values.items():
@@ -185,12 +257,40 @@ class Engine:
             if self.step % self.options.log_every == 0:
                 self._scalars("train", values | {"lr": self.optimizer.param_groups[0]["lr"],
                                                  "images_per_s": rate}, self.step)
+            if self.options.check_sync_every and self.step % self.options.check_sync_every == 0:
+                self._check_ranks_in_sync()
+            if self.options.checkpoint_every_steps and self.step % self.options.checkpoint_every_steps == 0:
+                self.save("last.ckpt")
         bar.close()
         stats = {k: v / max(seen, 1) for k, v in totals.items()}
         stats["images_per_s"] = seen * dist.world_size() / max(time.perf_counter() - start, 1e-9)
         if dist.is_main():
             log.info("epoch %d: %s", self.epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         return stats
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.options.clip_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(self.model))
+
+    def _check_ranks_in_sync(self) -> None:
+        digests = dist.all_gather_objects(weights_digest(self.model))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks hold different weights after step {self.step}: digests {digests}.")
+        self.sync_checks += 1
 
     def _stop_on_non_finite(self, loss: torch.Tensor, losses: dict, targets: list[dict]) -> None:
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
@@ -205,19 +305,27 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         evaluator = self.evaluator_factory()
         self.primary_metric = evaluator.primary
-        return evaluate(self.model, self.val_loader, evaluator, self.device, progress=self.options.progress)
+        return evaluate(self.eval_model, self.val_loader, evaluator, self.device, progress=self.options.progress,
+                        amp=self.options.amp, channels_last=self.options.channels_last)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch.device,
-             progress: bool = True) -> dict[str, float]:
-    """Run the model over `loader`, feed the evaluator, gather across processes, compute on rank 0
-    and share the result with every rank."""
-    model.eval()
+             progress: bool = True, amp: str | None = None, channels_last: bool = False) -> dict[str, float]:
+    """Run the model over `loader` (each rank its share), feed the evaluator, merge the ranks'
+    states on rank 0, compute there, and give every rank the result."""
     net = unwrap(model)
+    net.eval()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
+    set_loader_epoch(loader, 0)
     for images, targets in tqdm(loader, desc="evaluate", leave=False,
                                 disable=not (progress and dist.is_main()), dynamic_ncols=True):
-        outputs = net(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            outputs = net(images)
+        outputs = {k: v.float() if torch.is_tensor(v) else v for k, v in outputs.items()}
         predictions = net.predict(outputs, prediction_sizes(targets))
         predictions = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()} for p in predictions]
         evaluator.update(targets, predictions)

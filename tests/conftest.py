@@ -11,3 +11,4 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data samples not found at {SHARED_DATA} (the ../shared folder is absent)")
     return SHARED_DATA
+

@@ -10,6 +10,7 @@ from PIL import Image
 from scipy.io import savemat
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.data import collate
 from tasks.segmentation.coco_masks import CocoVOCSegmentation
 from tasks.segmentation.palette import VOC_CLASSES, VOC_PALETTE, colorize, overlay, save_label_png
 from tasks.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, build_segmentation_transforms
@@ -70,7 +71,7 @@ def test_dataset_item_follows_the_contract(voc_root):
     assert image.shape == (3, 513, 513) and image.dtype == torch.float32
     assert target["mask"].dtype == torch.int64 and target["mask"].shape == (513, 513)
     assert target["image_id"] == "2011_000003" and target["orig_size"].tolist() == [338, 500]
-    images, targets = dataset.collate([dataset[0], dataset[1]])
+    images, targets = collate([dataset[0], dataset[1]])
     assert images.shape == (2, 3, 513, 513) and len(targets) == 2
     names = dataset.evaluator().compute()
     assert "IoU/aeroplane" in names and dataset.evaluator().primary == "mIoU"

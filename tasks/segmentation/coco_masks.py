@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
-from .voc import collate, to_tensor
+from .voc import to_tensor
 
 COCO_TO_VOC = {
     "airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
@@ -108,7 +108,6 @@ class CocoVOCSegmentation(Dataset):
     def evaluator(self) -> ConfusionMatrix:
         return ConfusionMatrix(self.num_classes, IGNORE_INDEX, self.class_names)
 
-    collate = staticmethod(collate)
 
 
 __all__ = ["CocoVOCSegmentation", "COCO_TO_VOC"]

@@ -9,6 +9,7 @@ Masks are always resampled nearest-neighbour.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import time
@@ -46,6 +47,8 @@ class SegmentationTransform:
         self.shrink = shrink
         self.seed = seed
         self._seeded_for: tuple[int, int] | None = None
+        if seed is not None:
+            self._reseed(seed)
 
     def _reseed_in_worker(self) -> None:
         info = get_worker_info()
@@ -53,8 +56,20 @@ class SegmentationTransform:
             return
         key = (os.getpid(), info.seed)
         if key != self._seeded_for:
-            self.pipeline.set_random_seed((info.seed + (self.seed or 0)) % 2**32)
+            self._reseed((info.seed + (self.seed or 0)) % 2**32)
             self._seeded_for = key
+
+    def _reseed(self, seed: int) -> None:
+        # One shared generator: Compose.set_random_seed gives every child its own generator with the SAME
+        # seed, which correlates their draws (e.g. the flip firing whenever the scale is large).
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def set_random_seed(self, seed: int) -> None:
+        """Seed the next draws explicitly (per sample or per worker); the automatic reseed then stays off."""
+        self._reseed(seed)
+        info = get_worker_info()
+        if info is not None:
+            self._seeded_for = (os.getpid(), info.seed)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = np.asarray(image), np.asarray(mask)
@@ -113,7 +128,7 @@ def build_segmentation_transforms(
         shrink = A.LongestMaxSize(max_size=crop_size, interpolation=cv2.INTER_LINEAR,
                                   mask_interpolation=cv2.INTER_NEAREST, p=1.0)
     steps.append(normalize)
-    pipeline = A.Compose(steps, seed=seed, mask_interpolation=cv2.INTER_NEAREST)
+    pipeline = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
     return SegmentationTransform(crop_size, train, pipeline, shrink, seed)
 
 

@@ -1,15 +1,13 @@
 """PASCAL VOC 2012 segmentation: palette PNG masks, and DeepLab's SBD "trainaug" set."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-
-from tasks.data import collate
 
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
@@ -27,13 +25,21 @@ def to_tensor(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.
     return (x - mean) / std, torch.from_numpy(np.ascontiguousarray(mask)).to(torch.int64)
 
 
+def _undecodable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())}); "
+                      f"expected a readable image file.")
+
+
 def read_index_png(path: Path) -> np.ndarray:
     """A palette ("P") or grey ("L") PNG as its stored indices, never converted to colours."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise ValueError(f"mask {path} is a '{image.mode}' image; expected a palette ('P') or grey ('L') "
-                             f"PNG whose pixel values are class indices.")
-        return np.array(image)
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise ValueError(f"mask {path} is a '{image.mode}' image; expected a palette ('P') or grey "
+                                 f"('L') PNG whose pixel values are class indices.")
+            return np.array(image)
+    except (OSError, SyntaxError) as err:  # truncated or not a PNG (FileNotFoundError is checked before)
+        raise _undecodable(path, err) from None
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:
@@ -72,11 +78,10 @@ class VOCSegmentation(Dataset):
     built as DeepLab does: VOC train + SBD train + SBD val, minus VOC val.
     """
 
-    num_classes = len(VOC_CLASSES)
-    class_names = list(VOC_CLASSES)
-
     def __init__(self, root: str | Path, image_set: str = "train", transforms: Transform | None = None,
-                 aug_root: str | Path | None = None):
+                 aug_root: str | Path | None = None, class_names: Sequence[str] = VOC_CLASSES):
+        self.class_names = list(class_names)  # index = class id; background first
+        self.num_classes = len(self.class_names)
         self.root = Path(root)
         self.image_set = image_set
         self.transforms = transforms if transforms is not None else to_tensor
@@ -146,8 +151,11 @@ class VOCSegmentation(Dataset):
         image_path = self._image_path(image_id)
         if not image_path.is_file():
             raise FileNotFoundError(f"image {image_path} listed in {self.image_set} does not exist.")
-        with Image.open(image_path) as img:
-            image = np.array(img.convert("RGB"))
+        try:
+            with Image.open(image_path) as img:
+                image = np.array(img.convert("RGB"))
+        except (OSError, SyntaxError) as err:  # truncated or not an image
+            raise _undecodable(image_path, err) from None
         mask, mask_path = self._load_mask(image_id)
         return image, check_mask(mask, mask_path, image.shape[:2], self.num_classes)
 
@@ -161,7 +169,6 @@ class VOCSegmentation(Dataset):
     def evaluator(self) -> ConfusionMatrix:
         return ConfusionMatrix(self.num_classes, IGNORE_INDEX, self.class_names)
 
-    collate = staticmethod(collate)
 
 
-__all__ = ["VOCSegmentation", "read_index_png", "read_sbd_mat", "collate", "to_tensor"]
+__all__ = ["VOCSegmentation", "read_index_png", "read_sbd_mat", "to_tensor"]

@@ -1,0 +1,48 @@
+"""Start-up checks: a config that cannot work stops before any work, with one sentence."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from backbones.base import OUTPUT_STRIDES
+from tasks.errors import ConfigError
+
+TASK_DATASETS = {"detection": "coco, voc_det, shapes_det", "segmentation": "voc_seg, shapes_seg"}
+
+
+def _choice(group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return str(HydraConfig.get().runtime.choices.get(group, group))
+    except ValueError:  # not running under @hydra.main (e.g. compose in tests)
+        return group
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    backbone = cfg.backbone
+    if not backbone.width_mult or backbone.width_mult <= 0:
+        raise ConfigError(f"backbone.width_mult={backbone.width_mult} is not allowed; expected a number > 0 "
+                          f"(the paper's alpha: 1.0, 0.75, 0.5, 0.25, or 1.4 for V2).")
+    if backbone.output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"backbone.output_stride={backbone.output_stride} is not allowed; expected one of "
+                          f"{', '.join(map(str, OUTPUT_STRIDES))}.")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    check_model_config(cfg)
+    head_task, data_task = cfg.head.get("task"), cfg.dataset.get("task")
+    if head_task != data_task:
+        head, data = _choice("head"), _choice("dataset")
+        raise ConfigError(
+            f"head={head} needs {head_task} annotations but dataset={data} provides {data_task} ones; "
+            f"pair head={head} with a {head_task} dataset ({TASK_DATASETS.get(head_task, '?')}).")
+    for key in ("epochs", "batch_size"):
+        if int(cfg[key]) <= 0:
+            raise ConfigError(f"{key}={cfg[key]} is not allowed; expected a positive integer.")
+    if cfg.dataset.input_size < 32:
+        raise ConfigError(f"dataset.input_size={cfg.dataset.input_size} is too small; expected at least 32 "
+                          f"pixels (the backbones reduce the input 32-fold).")
+    if cfg.dataset.get("prepare") is None and not Path(str(cfg.dataset.root)).exists():
+        raise ConfigError(f"dataset.root={cfg.dataset.root} does not exist; expected the folder of the "
+                          f"{_choice('dataset')} dataset (set dataset.root=/path/to/it).")

@@ -1,0 +1,35 @@
+"""User-facing errors: one sentence, exit code 2, no traceback unless HYDRA_FULL_ERROR=1."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tasks.checkpoint import CheckpointError
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value, what is allowed."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message names the file and what was expected."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper

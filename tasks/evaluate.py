@@ -1,0 +1,65 @@
+"""Evaluate a checkpoint on its dataset's val split: `python -m tasks.evaluate checkpoint=...`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tasks import distributed as dist
+from tasks.checkpoint import CheckpointError, load_checkpoint
+from tasks.data import build_loader
+from tasks.engine import evaluate as run_evaluation
+from tasks.errors import user_errors_exit
+from tasks.model import build_model
+
+
+def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
+                        batch_size: int = 16, num_workers: int = 2, progress: bool = True) -> dict[str, float]:
+    state = load_checkpoint(checkpoint)
+    if not state.get("config"):
+        raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
+                              f"tasks.train.")
+    cfg = OmegaConf.create(state["config"])
+    if dataset_root is not None:
+        cfg.dataset.root = dataset_root
+    device = dist.init_from_env()
+    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config describes: {first}") from None
+    model.to(device)
+    val_set = instantiate(cfg.dataset.val)
+    loader = build_loader(val_set, batch_size, False, num_workers, 0)
+    evaluator = val_set.evaluator()
+    metrics = run_evaluation(model, loader, evaluator, device, progress=progress)
+    if dist.is_main():
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if hasattr(evaluator, "write_results"):
+            evaluator.write_results(run_dir / "detections.json")
+    return metrics
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = HydraConfig.get().runtime.output_dir
+    metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
+                                  cfg.num_workers, cfg.progress)
+    if dist.is_main():
+        print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
+        print(f"metrics written to {Path(run_dir) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Train a model: `python -m tasks.train [experiment=...] [overrides]`. Thin: the engine does the work."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tasks import distributed as dist
+from tasks.checkpoint import load_checkpoint
+from tasks.config_checks import check_train_config
+from tasks.data import build_loader
+from tasks.engine import Engine, EngineOptions, seed_everything
+from tasks.errors import ConfigError, user_errors_exit
+from tasks.model import build_model
+from tasks.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def build_datasets(cfg: DictConfig):
+    if cfg.dataset.get("prepare") is not None:
+        if dist.is_main():
+            instantiate(cfg.dataset.prepare)
+        dist.barrier()
+    train_set, val_set = instantiate(cfg.dataset.train), instantiate(cfg.dataset.val)
+    if train_set.num_classes != cfg.dataset.num_classes:
+        raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the training annotations "
+                          f"define {train_set.num_classes} classes; set dataset.num_classes={train_set.num_classes}.")
+    return train_set, val_set
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    check_train_config(cfg)
+    device = dist.init_from_env()
+    run_dir = dist.all_gather_objects(str(run_dir))[0]  # every rank writes (if at all) where rank 0 does
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    train_set, val_set = build_datasets(cfg)
+
+    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
+    if cfg.init_from:
+        model.load_state_dict(load_checkpoint(cfg.init_from)["model"])
+    if dist.is_distributed() and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if dist.is_distributed():
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    seed_everything(cfg.seed + dist.rank())
+
+    train_loader = build_loader(train_set, cfg.batch_size, True, cfg.num_workers, cfg.seed)
+    val_loader = build_loader(val_set, cfg.eval_batch_size, False, cfg.num_workers, cfg.seed)
+    optimizer = build_optimizer(instantiate(cfg.optim.optimizer), model, cfg.optim.weight_decay,
+                                cfg.optim.norm_bias_decay)
+    steps_per_epoch = len(train_loader)
+    schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
+    name, warmup_epochs = schedule.pop("name"), schedule.pop("warmup_epochs")
+    scheduler = build_scheduler(optimizer, name, cfg.epochs * steps_per_epoch,
+                                int(warmup_epochs * steps_per_epoch), **schedule)
+
+    engine = Engine(model, optimizer, scheduler, train_loader, val_loader, val_set.evaluator, run_dir,
+                    EngineOptions(epochs=cfg.epochs, eval_every=cfg.eval_every, clip_grad_norm=cfg.clip_grad_norm,
+                                  log_every=cfg.log_every, progress=cfg.progress, amp=cfg.amp,
+                                  channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
+                                  checkpoint_every_steps=cfg.checkpoint_every_steps,
+                                  check_sync_every=cfg.check_sync_every),
+                    device, config=OmegaConf.to_container(cfg, resolve=True))
+    if cfg.resume:
+        path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
+        if path.exists() or cfg.resume is not True:
+            engine.resume(path)
+        else:
+            log.info("resume=true but %s has no last.ckpt yet: starting from scratch", run_dir)
+    metrics = engine.fit()
+    if dist.is_main():
+        if engine.sync_checks:
+            log.info("weights identical on all %d ranks at each of %d checks", dist.world_size(), engine.sync_checks)
+        _plot_curves(engine.history, Path(run_dir) / "curves.png")
+        log.info("checkpoints and logs in %s", run_dir)
+    return metrics
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    try:
+        from tasks.visualize import plot_history
+    except ImportError:  # matplotlib missing: the curves are also in TensorBoard
+        return
+    plot_history(history, path)
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    if dist.is_main() and metrics:
+        names = [k for k in metrics if "/" not in k]
+        print("final metrics: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in names))
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The real entry points end to end on small shapes sets written in the real COCO / VOC layouts."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, compose_train, tiny_shapes_overrides
+
+from tasks.checkpoint import load_checkpoint
+from tasks.evaluate import evaluate_checkpoint
+from tasks.train import train
+
+TASKS = {
+    "detection": ("demo_ssdlite_shapes", "shapes_det", "AP"),
+    "segmentation": ("demo_deeplabv3_shapes", "shapes_seg", "mIoU"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_train_writes_checkpoints_and_evaluate_reproduces_the_metric(task, tmp_path):
+    experiment, dataset, metric = TASKS[task]
+    cfg = compose_train([f"experiment={experiment}", "epochs=1", "batch_size=4", "eval_every=1",
+                         *tiny_shapes_overrides(tmp_path / dataset, "coco" if task == "detection" else "voc")])
+    metrics = train(cfg, tmp_path / "run")
+    assert math.isfinite(metrics[metric])
+    for name in ("last.ckpt", "best.ckpt"):
+        state = load_checkpoint(tmp_path / "run" / name)
+        assert state["epoch"] == 1 and state["step"] == 16 // 4
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+    again = evaluate_checkpoint(tmp_path / "run" / "best.ckpt", tmp_path / "eval", batch_size=3, num_workers=0,
+                                progress=False)
+    assert again[metric] == pytest.approx(metrics[metric], abs=1e-6)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())[metric] == pytest.approx(again[metric])
+    if task == "detection":
+        detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
+        assert all({"image_id", "category_id", "bbox", "score"} <= set(d) for d in detections)
+
+
+def test_backbone_swap_trains_through_the_cli(tmp_path):
+    """`backbone=mobilenet_v1` on the default detection run: nothing else changes."""
+    overrides = tiny_shapes_overrides(tmp_path / "shapes_det", "coco", num_train=8, num_val=4, size=64)
+    result = subprocess.run([sys.executable, "-m", "tasks.train", "backbone=mobilenet_v1",
+                             "backbone.width_mult=0.25", "epochs=1", "batch_size=4", *overrides,
+                             f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "final metrics: AP=" in result.stdout
+    state = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert state["config"]["backbone"]["_target_"] == "backbones.MobileNetV1"
+    assert state["model"]["backbone.blocks.12.pw.conv.weight"].shape[0] == 256  # 1024 x 0.25
+
+
+def _overfit(tmp_path, experiment, dataset, kind, extra):
+    """Train and evaluate on the same few images: a correct model/loss/decoder must fit them."""
+    split = "train2017" if kind == "coco" else "train"
+    same_split = ([f"dataset.val.image_dir=${{dataset.root}}/{split}",
+                   f"dataset.val.ann_file=${{dataset.root}}/annotations/instances_{split}.json"]
+                  if kind == "coco" else ["dataset.val.image_set=train"])
+    cfg = compose_train([f"experiment={experiment}", *tiny_shapes_overrides(tmp_path / dataset, kind, 8, 4, 128),
+                         *same_split, *extra])
+    torch.manual_seed(0)
+    return train(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_ssdlite_overfits_a_few_shapes_images(tmp_path):
+    metrics = _overfit(tmp_path, "demo_ssdlite_shapes", "shapes_det", "coco",
+                       ["backbone.width_mult=0.5", "batch_size=8", "epochs=150", "eval_every=150",
+                        "optim.optimizer.lr=0.003", "schedule.warmup_epochs=5"])
+    assert metrics["AP"] >= 0.9, metrics
+
+
+@pytest.mark.slow
+def test_deeplabv3_overfits_a_few_shapes_images(tmp_path):
+    metrics = _overfit(tmp_path, "demo_deeplabv3_shapes", "shapes_seg", "voc",
+                       ["backbone.width_mult=0.5", "batch_size=8", "epochs=100", "eval_every=100",
+                        "dataset.train.transforms.scale_range=[1.0,1.0]", "dataset.train.transforms.hflip=false",
+                        "optim.optimizer.lr=0.003", "schedule.warmup_epochs=5"])
+    assert metrics["mIoU"] >= 0.9, metrics
