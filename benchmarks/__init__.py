@@ -1,0 +1,1 @@
+"""Side-by-side speed comparisons with torchvision (python -m benchmarks.run); see README.md."""

@@ -1,0 +1,266 @@
+"""SSDLite-MobileNetV2: ours against the same architecture assembled from torchvision's public classes.
+
+The peer is torchvision's `SSD` with its `SSDLiteHead`, on torchvision's `mobilenet_v2().features`
+tapped like ours (C4 = the 576-channel expansion of features[14], C5 = the 1280 conv), plus four
+`ssdlite._extra_block`s, `DefaultBoxGenerator([[2, 3]] * 6, 0.2, 0.95)`, the same thresholds. Our head
+runs with `reduced_first_map=False`, which is that box set (6 boxes per location on every map).
+
+Before timing, the peer receives our weights (both have the same tensors in the same order), so both
+compute the same detections and the postprocessing does the same amount of work on each side; the
+checks (parameter counts, MAdds, raw outputs, detections, first-step losses) go into the results.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteHead as TVSSDLiteHead
+from torchvision.models.detection.ssdlite import _extra_block, _normal_init
+
+from backbones import MobileNetV2
+from heads.ssdlite import SSDLiteHead
+from heads.ssdlite.box_coder import cxcywh_to_xyxy
+from tasks.complexity import count_complexity
+from tasks.model import BackboneWithHead
+
+from .timing import interleaved, paired_ratio, result_row, summarise
+
+OURS = "ours: SSDLite-MobileNetV2"
+PEER = "torchvision: SSD + SSDLiteHead on mobilenet_v2"
+TRANSFORM = "torchvision: SSD.transform alone"
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    input_size: int = 320
+    num_classes: int = 80  # object classes; both models add a background class
+    train_batch: int = 16
+    infer_batch: int = 1
+    train_repeats: int = 4
+    train_warmup: int = 1
+    infer_repeats: int = 20
+    warmup: int = 2  # inference
+    max_boxes_per_image: int = 5
+    lr: float = 1e-3
+    seed: int = 0
+
+
+class TorchvisionMobileNetV2Features(nn.Module):
+    """torchvision's mobilenet_v2 features split at the C4 expansion, then the four SSDLite extras.
+
+    Mirrors `ssdlite.SSDLiteFeatureExtractorMobileNet`, which expects MobileNetV3's block layout
+    (`.block`); torchvision's MobileNetV2 blocks keep their layers in `.conv`.
+    """
+
+    def __init__(self, features: nn.Sequential, norm, extra_depths=(512, 256, 256, 128)):
+        super().__init__()
+        c4_pos = max(i for i, block in enumerate(features) if getattr(block, "stride", 1) == 2)
+        if features[c4_pos].use_res_connect:
+            raise ValueError(f"mobilenet_v2 features[{c4_pos}] has a residual; it cannot be split at its expansion.")
+        self.features = nn.Sequential(
+            nn.Sequential(*features[:c4_pos], features[c4_pos].conv[0]),  # until the C4 expansion (576 ch)
+            nn.Sequential(features[c4_pos].conv[1:], *features[c4_pos + 1:]),  # until the 1280 conv
+        )
+        depths = [features[-1].out_channels, *extra_depths]
+        self.extra = nn.ModuleList(_extra_block(a, b, norm) for a, b in zip(depths[:-1], depths[1:]))
+        _normal_init(self.extra)
+        self.out_channels = [features[c4_pos].conv[0].out_channels, *depths]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        output = []
+        for block in (*self.features, *self.extra):
+            x = block(x)
+            output.append(x)
+        return OrderedDict((str(i), v) for i, v in enumerate(output))
+
+
+def build_ours(num_classes: int) -> BackboneWithHead:
+    backbone = MobileNetV2(out_features=("C4", "C5"))
+    return BackboneWithHead(backbone, SSDLiteHead(backbone.feature_info, num_classes, reduced_first_map=False))
+
+
+def build_peer(num_classes: int, input_size: int, ours_head: SSDLiteHead) -> SSD:
+    """The peer, with our head's thresholds. Its transform gets mean 0 / std 1 and a fixed size equal to
+    the input, so it only re-batches the images and does an identity resize and normalisation."""
+    norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)  # torchvision's SSDLite norm (and ours)
+    backbone = TorchvisionMobileNetV2Features(torchvision.models.mobilenet_v2().features, norm)
+    anchors = DefaultBoxGenerator([[2, 3]] * 6, min_ratio=0.2, max_ratio=0.95)
+    head = TVSSDLiteHead(backbone.out_channels, anchors.num_anchors_per_location(), num_classes + 1, norm)
+    return SSD(backbone, anchors, (input_size, input_size), num_classes + 1,
+               image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], head=head,
+               score_thresh=ours_head.score_threshold, nms_thresh=ours_head.nms_iou_threshold,
+               detections_per_img=ours_head.detections_per_image, topk_candidates=ours_head.topk_candidates,
+               iou_thresh=ours_head.iou_threshold, positive_fraction=1.0 / (1.0 + ours_head.neg_pos_ratio))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy every parameter and buffer in state-dict order; the two layouts list the same tensors."""
+    src, dst = source.state_dict(), target.state_dict()
+    if len(src) != len(dst):
+        raise RuntimeError(f"cannot copy weights: {len(src)} tensors in ours, {len(dst)} in the peer.")
+    mapped = {}
+    for (name_s, tensor_s), (name_d, tensor_d) in zip(src.items(), dst.items()):
+        if tensor_s.shape != tensor_d.shape:
+            raise RuntimeError(f"cannot copy weights: {name_s} {tuple(tensor_s.shape)} lines up with "
+                               f"{name_d} {tuple(tensor_d.shape)}.")
+        mapped[name_d] = tensor_s.clone()
+    target.load_state_dict(mapped)
+
+
+def random_targets(batch: int, size: int, num_classes: int, max_boxes: int, generator: torch.Generator
+                   ) -> tuple[list[dict], list[dict]]:
+    """The same random boxes for both: ours normalised xyxy + labels 0..K-1, the peer's pixel xyxy + 1..K."""
+    ours, peer = [], []
+    for _ in range(batch):
+        n = int(torch.randint(1, max_boxes + 1, (1,), generator=generator))
+        centre = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        half = torch.rand(n, 2, generator=generator) * 0.2 + 0.05
+        boxes = torch.cat([centre - half, centre + half], dim=1).clamp(0.0, 1.0)
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
+        ours.append({"boxes": boxes, "labels": labels})
+        peer.append({"boxes": boxes * size, "labels": labels + 1})
+    return ours, peer
+
+
+@torch.no_grad()
+def parity_checks(ours: BackboneWithHead, peer: SSD, images: Tensor) -> dict:
+    """Same raw outputs, anchors and detections from both (eval mode, same weights)."""
+    ours.eval(), peer.eval()
+    size = images.shape[-1]
+    out = ours(images)
+    features = list(peer.backbone(images).values())
+    theirs = peer.head(features)
+    anchors = peer.anchor_generator(peer.transform(list(images))[0], features)[0]
+    dets_ours = ours.predict(out, [tuple(images.shape[-2:])] * images.shape[0])
+    dets_peer = peer(list(images))
+    scores_ours = torch.sort(torch.cat([d["scores"] for d in dets_ours]), descending=True).values
+    scores_peer = torch.sort(torch.cat([d["scores"] for d in dets_peer]), descending=True).values
+    same_count = scores_ours.numel() == scores_peer.numel() > 0
+    # How many (anchor, class) candidates reach NMS: the postprocessing's work, the same on both sides.
+    scores = out["cls_logits"].softmax(-1)[..., 1:]
+    above = (scores > ours.head.score_threshold).sum(dim=1).clamp(max=ours.head.topk_candidates)
+    return {
+        "nms_candidates_per_image": above.sum(dim=1).tolist(),
+        "max_abs_diff_cls_logits": float((out["cls_logits"] - theirs["cls_logits"]).abs().max()),
+        "max_abs_diff_bbox_regression": float((out["bbox_regression"] - theirs["bbox_regression"]).abs().max()),
+        "max_abs_diff_anchors_px": float((cxcywh_to_xyxy(out["anchors"]) * size - anchors).abs().max()),
+        "detections_per_image_ours": [len(d["scores"]) for d in dets_ours],
+        "detections_per_image_peer": [len(d["scores"]) for d in dets_peer],
+        "max_abs_diff_sorted_scores": float((scores_ours - scores_peer).abs().max()) if same_count else None,
+    }
+
+
+def loss_checks(ours: BackboneWithHead, peer: SSD, images: Tensor, ours_targets, peer_targets) -> dict:
+    """Both losses on the same batch and weights (train mode, no backward): they should agree."""
+    ours.train(), peer.train()
+    with torch.no_grad():
+        a = ours.loss(ours(images), ours_targets)
+        b = peer(list(images), peer_targets)
+    return {"ours_loss_box": float(a["loss_box"]), "peer_loss_box": float(b["bbox_regression"]),
+            "ours_loss_cls": float(a["loss_cls"]), "peer_loss_cls": float(b["classification"])}
+
+
+def _fail_if_different(checks: dict, tolerance: float = 1e-3) -> None:
+    worst = max(checks["max_abs_diff_cls_logits"], checks["max_abs_diff_bbox_regression"],
+                checks["max_abs_diff_anchors_px"])
+    if worst > tolerance:
+        raise RuntimeError(f"ours and the torchvision peer give different outputs (max abs diff {worst:.3g}); "
+                           f"the two architectures are not the same, so their timings would not compare.")
+
+
+def run(settings: DetectionSettings, log=print) -> dict:
+    s = settings
+    torch.manual_seed(s.seed)
+    ours = build_ours(s.num_classes)
+    peer = build_peer(s.num_classes, s.input_size, ours.head)
+    params_ours, params_peer = count_params(ours), count_params(peer)
+    log(f"detection: params ours {params_ours:,} / torchvision {params_peer:,}")
+    if params_ours != params_peer:
+        raise RuntimeError(f"parameter counts differ (ours {params_ours:,}, torchvision {params_peer:,}); "
+                           f"the peer is not the same architecture.")
+    copy_weights(ours, peer)
+
+    generator = torch.Generator().manual_seed(s.seed)
+    size = s.input_size
+    infer_images = torch.randn(s.infer_batch, 3, size, size, generator=generator)
+    checks = {"params_ours": params_ours, "params_peer": params_peer}
+    complexity = {OURS: count_complexity(ours, infer_images[:1]), PEER: count_complexity(peer, infer_images[:1])}
+    checks["madds_ours"], checks["madds_peer"] = complexity[OURS].madds, complexity[PEER].madds
+    checks.update(parity_checks(ours, peer, infer_images))
+    _fail_if_different(checks)
+    log(f"detection: MAdds ours {checks['madds_ours'] / 1e9:.3f} B / torchvision {checks['madds_peer'] / 1e9:.3f} B;"
+        f" max |diff| cls {checks['max_abs_diff_cls_logits']:.2g}, box {checks['max_abs_diff_bbox_regression']:.2g};"
+        f" detections {checks['detections_per_image_ours']} / {checks['detections_per_image_peer']}")
+
+    # Inference at batch infer_batch, postprocessing included; the peer's list of images is made once.
+    infer_list = list(infer_images)
+    image_sizes = [(size, size)] * s.infer_batch
+
+    @torch.no_grad()
+    def ours_infer():
+        return ours.predict(ours(infer_images), image_sizes)
+
+    @torch.no_grad()
+    def peer_infer():
+        return peer(infer_list)
+
+    @torch.no_grad()
+    def peer_transform():  # timed on its own too, to show what the peer's share of it costs
+        return peer.transform(infer_list)
+
+    ours.eval(), peer.eval()
+    infer = interleaved({OURS: ours_infer, PEER: peer_infer, TRANSFORM: peer_transform}, s.infer_repeats,
+                        s.warmup)
+
+    # Training step at batch train_batch: zero_grad, forward, loss, backward, SGD step.
+    train_images = torch.randn(s.train_batch, 3, size, size, generator=generator)
+    train_list = list(train_images)
+    ours_targets, peer_targets = random_targets(s.train_batch, size, s.num_classes, s.max_boxes_per_image,
+                                                generator)
+    checks.update(loss_checks(ours, peer, train_images, ours_targets, peer_targets))
+    log(f"detection: first-step losses ours box {checks['ours_loss_box']:.4f} cls {checks['ours_loss_cls']:.4f} / "
+        f"torchvision box {checks['peer_loss_box']:.4f} cls {checks['peer_loss_cls']:.4f}")
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
+    opt_peer = torch.optim.SGD(peer.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
+
+    def ours_step():
+        opt_ours.zero_grad(set_to_none=True)
+        losses = ours.loss(ours(train_images), ours_targets)
+        sum(losses.values()).backward()
+        opt_ours.step()
+
+    def peer_step():
+        opt_peer.zero_grad(set_to_none=True)
+        losses = peer(train_list, peer_targets)
+        sum(losses.values()).backward()
+        opt_peer.step()
+
+    ours.train(), peer.train()
+    train = interleaved({OURS: ours_step, PEER: peer_step}, s.train_repeats, s.train_warmup)
+    ours.eval(), peer.eval()
+
+    rows, comparisons = [], []
+    for measure, samples in ((f"train step, batch {s.train_batch}", train),
+                             (f"inference + postprocess, batch {s.infer_batch}", infer)):
+        for name, role in ((OURS, "ours"), (PEER, "peer")):
+            rows.append(result_row("detection", name, role, measure, complexity[name], samples[name]))
+        ratio = paired_ratio(samples[OURS], samples[PEER])
+        comparisons.append({"task": "detection", "measure": measure, "ours": OURS, "peer": PEER,
+                            "ratio": ratio.as_dict()})
+        rows[-2]["ratio"] = ratio.as_dict()
+    checks["peer_transform_ms"] = summarise(infer[TRANSFORM]).as_dict()
+    checks["peer_transform_samples_ms"] = infer[TRANSFORM]
+    return {"settings": asdict(s), "checks": checks, "rows": rows, "comparisons": comparisons}
+
+
