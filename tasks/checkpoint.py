@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,18 +30,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _refusal(err: pickle.UnpicklingError) -> str:
+    """The line of torch's long weights_only message that says what was refused, as a clause."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    for line in text.splitlines():
+        if re.search(r"unsupported|GLOBAL|not an allowed global", line, re.IGNORECASE):
+            return " ".join(line.split()).rstrip(".").replace(". ", "; ")
+    return "weights_only=True would not load it"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint is untrusted input and must not run code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the very end
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read (not a complete "
+                              f"zip archive); expected a file written by torch.save.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} was refused: it holds more than tensors and plain "
-                              f"data (weights_only=True would not load it: {first}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} was refused: it holds more than tensors and plain data "
+                              f"({_refusal(err)}), and loading it could run code.") from None
+    except Exception as err:  # a damaged archive fails in many ways (RuntimeError, KeyError, EOFError...)
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
                               f"({type(err).__name__}); expected a file written by torch.save.") from None
     if not isinstance(state, dict) or "model" not in state:

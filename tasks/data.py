@@ -6,6 +6,7 @@ interrupted, which is what makes resuming exact.
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasks import distributed as dist
+from tasks.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
@@ -33,13 +37,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + index) % 2**32
 
 
-class PerSampleSeeds(Dataset):
-    """Wraps a dataset so each item's augmentation is seeded from (seed, epoch, index)."""
+# What a file that breaks during a run raises (a truncated JPEG decoded at a later epoch, a disk error):
+# the loaders turn them into one sentence naming the file. ValueError covers tasks.errors.DataError.
+UNREADABLE = (OSError, ValueError)
 
-    def __init__(self, dataset: Dataset, seed: int):
+
+class PerSampleSeeds(Dataset):
+    """Wraps a dataset so each item's augmentation is seeded from (seed, epoch, index), and so an item
+    that cannot be read is replaced by the next readable one, reported in its target under "skipped"
+    (the engine counts those and stops the run past a limit)."""
+
+    def __init__(self, dataset: Dataset, seed: int, max_substitutes: int = 16):
         self.dataset = dataset
         self.seed = seed
         self.epoch = 0
+        self.max_substitutes = max_substitutes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -47,11 +59,26 @@ class PerSampleSeeds(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def _load(self, index: int):
         transforms = getattr(self.dataset, "transforms", None)
         if hasattr(transforms, "set_random_seed"):
             transforms.set_random_seed(sample_seed(self.seed, self.epoch, index))
         return self.dataset[index]
+
+    def __getitem__(self, index: int):
+        skipped = []
+        for attempt in range(self.max_substitutes + 1):
+            candidate = (index + attempt) % len(self.dataset)
+            try:
+                image, target = self._load(candidate)
+            except UNREADABLE as err:
+                skipped.append(str(err))
+                log.warning("skipping unreadable item %d: %s", candidate, err)
+                continue
+            if skipped:
+                target = {**target, "skipped": skipped}
+            return image, target
+        raise DataError(f"{len(skipped)} items in a row from index {index} cannot be read, first: {skipped[0]}")
 
     def __getattr__(self, name: str) -> Any:  # evaluator(), num_classes, ... of the wrapped dataset
         if name == "dataset":

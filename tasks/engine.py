@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tasks import distributed as dist
 from tasks.checkpoint import load_checkpoint, save_checkpoint
 from tasks.data import set_loader_epoch
+from tasks.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class EngineOptions:
     ema_decay: float | None = None       # e.g. 0.9998; the EMA is what gets evaluated and saved as best
     checkpoint_every_steps: int = 0      # also write last.ckpt inside an epoch (for exact resume)
     check_sync_every: int = 0            # DDP: compare the ranks' weights bit for bit every N steps
+    max_bad_samples: int = 10            # unreadable files skipped (with a warning) before the run stops
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -138,6 +140,7 @@ class Engine:
         self.primary_metric: str | None = None
         self.history: list[dict[str, float]] = []
         self.sync_checks = 0
+        self.skipped: dict[str, None] = {}  # distinct messages, in order
         self._writer = None
 
     # -- logging ---------------------------------------------------------------------------------
@@ -238,6 +241,7 @@ class Engine:
             images = images.to(self.device, non_blocking=True)
             if self.options.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            self._count_skipped(targets)
             targets = to_device(targets, self.device)
             with self._autocast():
                 outputs = self.forward_model(images)
@@ -267,6 +271,15 @@ class Engine:
         if dist.is_main():
             log.info("epoch %d: %s", self.epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         return stats
+
+    def _count_skipped(self, targets: list[dict]) -> None:
+        for target in targets:
+            self.skipped.update(dict.fromkeys(target.get("skipped", ())))
+        if len(self.skipped) > self.options.max_bad_samples:
+            shown = "; ".join(m.rstrip(".") for m in list(self.skipped)[:5])
+            raise DataError(f"stopped at step {self.step + 1}: {len(self.skipped)} files could not be read "
+                            f"(more than max_bad_samples={self.options.max_bad_samples}): {shown}"
+                            f"{' ...' if len(self.skipped) > 5 else ''}; the last checkpoint is kept.")
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,6 +342,9 @@ def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch
         predictions = net.predict(outputs, prediction_sizes(targets))
         predictions = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()} for p in predictions]
         evaluator.update(targets, predictions)
+        skipped = [m for t in targets for m in t.get("skipped", ())]
+        if skipped:
+            log.warning("evaluation skipped %d unreadable files (left out of the metric): %s", len(skipped), skipped)
     if dist.is_distributed():
         states = dist.all_gather_objects(evaluator.state())
         if dist.is_main():

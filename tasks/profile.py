@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tasks.complexity import (
     LAYER_TYPES,
-    cpu_latency_ms,
     count_complexity,
+    cpu_latency_ms,
     eager_peak_memory,
     materialized_memory,
 )

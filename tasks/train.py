@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tasks import distributed as dist
+from tasks.check_data import check_dataset
 from tasks.checkpoint import load_checkpoint
 from tasks.config_checks import check_train_config
 from tasks.data import build_loader
@@ -27,6 +28,11 @@ def build_datasets(cfg: DictConfig):
         if dist.is_main():
             instantiate(cfg.dataset.prepare)
         dist.barrier()
+    if cfg.check_data:
+        report = check_dataset(cfg.dataset)  # on every rank: a rank that raised alone would hang the others
+        for problem in report.warnings[:5]:
+            log.warning("dataset check: %s", problem.message)
+        report.raise_if_fatal()
     train_set, val_set = instantiate(cfg.dataset.train), instantiate(cfg.dataset.val)
     if train_set.num_classes != cfg.dataset.num_classes:
         raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the training annotations "
@@ -70,7 +76,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                                   log_every=cfg.log_every, progress=cfg.progress, amp=cfg.amp,
                                   channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
-                                  check_sync_every=cfg.check_sync_every),
+                                  check_sync_every=cfg.check_sync_every,
+                                  max_bad_samples=cfg.max_bad_samples),
                     device, config=OmegaConf.to_container(cfg, resolve=True))
     if cfg.resume:
         path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))

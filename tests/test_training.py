@@ -80,3 +80,26 @@ def test_deeplabv3_overfits_a_few_shapes_images(tmp_path):
                         "dataset.train.transforms.scale_range=[1.0,1.0]", "dataset.train.transforms.hflip=false",
                         "optim.optimizer.lr=0.003", "schedule.warmup_epochs=5"])
     assert metrics["mIoU"] >= 0.9, metrics
+
+
+def test_a_file_that_breaks_mid_run_is_skipped_then_the_run_stops_past_the_limit(tmp_path, caplog):
+    from hydra.utils import instantiate
+
+    from tasks.errors import DataError
+
+    overrides = ["experiment=demo_ssdlite_shapes", "backbone.width_mult=0.35", "epochs=1", "batch_size=4",
+                 *tiny_shapes_overrides(tmp_path / "shapes_det", "coco", num_train=8, num_val=4, size=64)]
+    cfg = compose_train(overrides)
+    instantiate(cfg.dataset.prepare)
+    broken = sorted((tmp_path / "shapes_det" / "train2017").glob("*.jpg"))[:2]
+    for path in broken:  # truncated downloads: the header survives, the pixels do not
+        path.write_bytes(path.read_bytes()[:300])
+
+    metrics = train(compose_train([*overrides, "max_bad_samples=2"]), tmp_path / "ok")
+    assert math.isfinite(metrics["AP"])
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert all(p.name in warned for p in broken)
+
+    with pytest.raises(DataError) as err:
+        train(compose_train([*overrides, "max_bad_samples=1"]), tmp_path / "stopped")
+    assert "more than max_bad_samples=1" in str(err.value) and broken[0].name in str(err.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from tasks.detection.coco_eval import CocoEvaluator
 from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tasks.errors import DataError
 
 DetectionTransformFn = Callable[
     [np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -25,8 +26,24 @@ def load_rgb(path: Path) -> np.ndarray:
     """Decode an image file to uint8 HxWx3 RGB (no EXIF rotation: COCO and VOC annotate the stored pixels)."""
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist.")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt, not an image
+        raise DataError(f"image file {path} cannot be decoded ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())}); expected a readable JPEG or PNG.") from None
+
+
+@contextlib.contextmanager
+def malformed_entry(ann_file: Path, what: str) -> Iterator[None]:
+    """A missing key or a wrong type deep in the json becomes one sentence naming the file and the entry."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError) as err:
+        raise DataError(f"{ann_file}: {what} is malformed ({type(err).__name__}: {err}); expected COCO's "
+                        f"fields (python -m tasks.check_data names every problem).") from None
 
 
 def normalise_only(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -67,14 +84,15 @@ class CocoDetection(Dataset):
                 self.coco = COCO(str(self.ann_file))
             except (AssertionError, ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{self.ann_file} is not a COCO instances json ({err!r}).") from err
-        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
-        if not cats:
-            raise ValueError(f"{self.ann_file} lists no categories; expected COCO 'categories' entries.")
-        self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
-        self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
-        self.class_names: list[str] = [str(c["name"]) for c in cats]
+        with malformed_entry(self.ann_file, "'categories' or 'images'"):
+            cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+            if not cats:
+                raise DataError(f"{self.ann_file} lists no categories; expected COCO 'categories' entries.")
+            self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
+            self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
+            self.class_names: list[str] = [str(c["name"]) for c in cats]
+            self.image_ids: list[int] = sorted(int(i) for i in self.coco.imgs)
         self.num_classes = len(cats)
-        self.image_ids: list[int] = sorted(int(i) for i in self.coco.imgs)
         self.transforms: DetectionTransformFn = transforms if transforms is not None else normalise_only
         self.train = bool(train)
 
@@ -83,6 +101,10 @@ class CocoDetection(Dataset):
 
     def get_annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Training boxes of image `index`, image not decoded: float32 [N,4] xyxy pixels, int64 [N] labels."""
+        with malformed_entry(self.ann_file, f"image {self.image_ids[index]} or its annotations"):
+            return self._annotations(index)
+
+    def _annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         width, height = float(info["width"]), float(info["height"])
@@ -92,12 +114,12 @@ class CocoDetection(Dataset):
                 continue
             bbox = ann.get("bbox")
             if bbox is None or len(bbox) != 4:
-                raise ValueError(
+                raise DataError(
                     f"{self.ann_file}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h]."
                 )
             cat = int(ann["category_id"])
             if cat not in self.cat_id_to_label:
-                raise ValueError(
+                raise DataError(
                     f"{self.ann_file}: annotation {ann.get('id')} has category_id {cat}, "
                     "which is not in 'categories'."
                 )
@@ -111,12 +133,13 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image_id = self.image_ids[index]
-        info = self.coco.imgs[image_id]
-        image = load_rgb(self.image_dir / info["file_name"])
-        if image.shape[0] != info["height"] or image.shape[1] != info["width"]:
+        with malformed_entry(self.ann_file, f"image {image_id}"):
+            info = self.coco.imgs[image_id]
+            path, width, height = self.image_dir / info["file_name"], info["width"], info["height"]
+        image = load_rgb(path)
+        if image.shape[0] != height or image.shape[1] != width:
             raise ValueError(
-                f"{self.image_dir / info['file_name']} is {image.shape[1]}x{image.shape[0]} but "
-                f"{self.ann_file} says {info['width']}x{info['height']}."
+                f"{path} is {image.shape[1]}x{image.shape[0]} but {self.ann_file} says {width}x{height}."
             )
         boxes, labels = self.get_annotations(index)
         img, boxes_t, labels_t = self.transforms(image, boxes, labels)

@@ -54,9 +54,17 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, na
         image_path = root / "JPEGImages" / f"{name}.jpg"
         if not image_path.is_file():
             raise FileNotFoundError(f"{xml_path} has no <size> and image {image_path} does not exist.")
-        with Image.open(image_path) as im:  # reads the header only
-            width, height = im.size
-    width, height = int(float(width)), int(float(height))
+        try:
+            with Image.open(image_path) as im:  # reads the header only
+                width, height = im.size
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"{xml_path} has no <size> and image {image_path} cannot be read "
+                             f"({type(err).__name__}).") from None
+    try:
+        width, height = int(float(width)), int(float(height))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{xml_path}: <size> has width {width!r} and height {height!r}; expected whole "
+                         f"numbers of pixels.") from None
     boxes, labels, difficult = [], [], []
     for obj in tree.findall("object"):
         cls = _text(obj.find("name"))
@@ -78,9 +86,13 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, na
         if not (box[2] > box[0] and box[3] > box[1]):
             continue
         diff = _text(obj.find("difficult"))
+        try:
+            difficult.append(bool(int(float(diff))) if diff is not None else False)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{xml_path}: a {cls!r} object has <difficult>{diff}</difficult>; "
+                             f"expected 0 or 1.") from None
         boxes.append(box)
         labels.append(class_to_label[cls])
-        difficult.append(bool(int(float(diff))) if diff is not None else False)
     return VOCRecord(
         root=root,
         name=name,
