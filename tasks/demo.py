@@ -11,9 +11,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import torch
 from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from PIL import Image
 
+from tasks.segmentation.palette import overlay
 from tasks.train import train
+from tasks.trained import load_trained_model
 
 DEMOS = (
     ("detection", "demo_ssdlite_shapes", "AP", 0.5),
@@ -29,6 +35,26 @@ def run_demo(experiment: str, run_dir: Path, overrides: list[str] = ()) -> tuple
     return metrics, (time.perf_counter() - start) / 60
 
 
+@torch.no_grad()
+def write_overlays(run_dir: Path, count: int = 4) -> list[Path]:
+    """Image | truth | prediction side by side, for the first `count` val images."""
+    model, cfg = load_trained_model(run_dir / "best.ckpt")
+    val = instantiate(cfg.dataset.val)
+    paths = []
+    for index in range(min(count, len(val))):
+        image, truth = val.load(index)
+        tensor, target = val[index]
+        outputs = model(tensor[None])
+        predicted = model.predict(outputs, [tuple(target["mask"].shape)])[0]["mask"]
+        h, w = truth.shape
+        panels = [image, overlay(image, truth), overlay(image, predicted[:h, :w].numpy())]
+        path = run_dir / "overlays" / f"{target['image_id']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+        paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(sys.argv[1:] if argv is None else argv)
@@ -39,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n== {task}: python -m tasks.train experiment={experiment}", flush=True)
         metrics, minutes = run_demo(experiment, root / task, overrides)
+        if task == "segmentation":
+            overlays = write_overlays(root / task)
+            print(f"overlays (image | truth | prediction): {overlays[0].parent}")
         ok = metrics[metric] >= target
         failed |= not ok
         summary.append(f"{task:<13} {metric} = {metrics[metric]:.3f} (target >= {target}) in {minutes:.1f} min"

@@ -208,6 +208,9 @@ class Engine:
             if self.val_loader is not None and (self.epoch % self.options.eval_every == 0
                                                 or self.epoch == self.options.epochs):
                 last_metrics = {k: float(v) for k, v in self.evaluate().items()}
+                if dist.is_main():
+                    headline = {k: v for k, v in last_metrics.items() if "/" not in k}
+                    log.info("epoch %d val: %s", self.epoch, ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
                 record.update({f"val/{k}": v for k, v in last_metrics.items()})
                 self._scalars("val", last_metrics, self.epoch)
                 score = last_metrics[self.primary_metric]

@@ -8,32 +8,19 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tasks import distributed as dist
-from tasks.checkpoint import CheckpointError, load_checkpoint
 from tasks.data import build_loader
 from tasks.engine import evaluate as run_evaluation
 from tasks.errors import user_errors_exit
-from tasks.model import build_model
+from tasks.trained import load_trained_model
 
 
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
                         batch_size: int = 16, num_workers: int = 2, progress: bool = True) -> dict[str, float]:
-    state = load_checkpoint(checkpoint)
-    if not state.get("config"):
-        raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
-                              f"tasks.train.")
-    cfg = OmegaConf.create(state["config"])
-    if dataset_root is not None:
-        cfg.dataset.root = dataset_root
+    model, cfg = load_trained_model(checkpoint, dataset_root)
     device = dist.init_from_env()
-    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config describes: {first}") from None
     model.to(device)
     val_set = instantiate(cfg.dataset.val)
     loader = build_loader(val_set, batch_size, False, num_workers, 0)

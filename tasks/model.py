@@ -26,8 +26,9 @@ class BackboneWithHead(nn.Module):
     def loss(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         return self.head.loss(outputs, targets)
 
-    def predict(self, outputs: Mapping[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[dict]:
-        return self.head.predict(outputs, image_sizes)
+    def predict(self, outputs: Mapping[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]],
+                **options) -> list[dict]:
+        return self.head.predict(outputs, image_sizes, **options)
 
     def materialized_modules(self) -> list[nn.Module]:
         return self.backbone.materialized_modules()

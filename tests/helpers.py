@@ -17,3 +17,9 @@ def tiny_shapes_overrides(root: Path, kind: str, num_train: int = 16, num_val: i
     return [f"dataset.root={root}", f"dataset.prepare.num_train={num_train}",
             f"dataset.prepare.num_val={num_val}", f"dataset.prepare.image_size={size}",
             f"dataset.input_size={size}", "num_workers=0", "progress=false"]
+
+
+TINY = {  # experiment, dataset, writer kind, extra overrides (few SSDLite maps: the export is faster)
+    "detection": ("demo_ssdlite_shapes", "shapes_det", "coco", ["head.extra_depths=[32,32]"]),
+    "segmentation": ("demo_deeplabv3_shapes", "shapes_seg", "voc", []),
+}

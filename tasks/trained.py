@@ -1,0 +1,52 @@
+"""A trained run as the other entry points see it: the model and the config its checkpoint carries."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tasks.checkpoint import CheckpointError, load_checkpoint
+from tasks.model import build_model
+
+
+def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None) -> tuple[nn.Module, DictConfig]:
+    """The model of a tasks.train checkpoint, in eval mode, and the training config it carries
+    (with the dataset moved to `dataset_root` when given)."""
+    state = load_checkpoint(checkpoint)
+    if not state.get("config"):
+        raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
+                              f"tasks.train.")
+    cfg = OmegaConf.create(state["config"])
+    if dataset_root is not None:
+        cfg = rebase_dataset_root(cfg, dataset_root)
+    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        first = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config describes: "
+                              f"{first}") from None
+    return model.eval(), cfg
+
+
+def rebase_dataset_root(cfg: DictConfig, root: str) -> DictConfig:
+    """The checkpoint's config is resolved (paths are spelled out), so moving the dataset means
+    rewriting every path under dataset.* that starts with the old root."""
+    old = str(cfg.dataset.root)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+
+    def move(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: move(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [move(v) for v in node]
+        if isinstance(node, str) and (node == old or node.startswith(old.rstrip("/") + "/")):
+            return str(root) + node[len(old):]
+        return node
+
+    cfg = cfg.copy()
+    cfg.dataset = OmegaConf.create(move(dataset))
+    return cfg
