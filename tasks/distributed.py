@@ -44,6 +44,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank 0's buffers (BN running statistics drift apart: each rank updates them from
+    its own batches after DDP's last broadcast), so all ranks evaluate the model rank 0 saves."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -321,6 +321,7 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         evaluator = self.evaluator_factory()
         self.primary_metric = evaluator.primary
+        dist.broadcast_buffers(self.eval_model)
         return evaluate(self.eval_model, self.val_loader, evaluator, self.device, progress=self.options.progress,
                         amp=self.options.amp, channels_last=self.options.channels_last)
 
