@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 from PIL import Image
 
+from tasks.cli import run
 from tasks.detection.voc import VOC_CLASSES as VOC_DET_CLASSES
 from tasks.errors import USER_ERRORS, ConfigError, DataError, user_errors_exit
 from tasks.segmentation.palette import VOC_CLASSES as VOC_SEG_CLASSES
@@ -840,5 +841,10 @@ def main(cfg: DictConfig) -> None:
     report.raise_if_fatal()
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "check_data")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

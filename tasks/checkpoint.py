@@ -60,3 +60,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"a 'model' entry, found {type(state).__name__}"
                               f"{' with keys ' + str(sorted(state)[:5]) if isinstance(state, dict) else ''}.")
     return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path,
+                       num_classes: int | None = None) -> None:
+    """Load `state["model"]` into `model`, or fail with one sentence naming the first key that does not fit
+    (and the class counts, when the checkpoint was trained for another number of classes)."""
+    weights, own = state["model"], model.state_dict()
+    trained_classes = (state.get("config") or {}).get("dataset", {}).get("num_classes")
+    why = ""
+    if num_classes is not None and trained_classes is not None and trained_classes != num_classes:
+        why = f" (it was trained for num_classes={trained_classes}, this model has num_classes={num_classes})"
+    for key, tensor in own.items():
+        if key not in weights:
+            raise CheckpointError(f"checkpoint {path} does not fit the model{why}: the model's {key} "
+                                  f"is not in it.")
+        if weights[key].shape != tensor.shape:
+            raise CheckpointError(f"checkpoint {path} does not fit the model{why}: {key} is "
+                                  f"{list(weights[key].shape)} in the checkpoint but {list(tensor.shape)} in the model.")
+    extra = [k for k in weights if k not in own]
+    if extra:
+        raise CheckpointError(f"checkpoint {path} does not fit the model{why}: its {extra[0]} has no place in it.")
+    model.load_state_dict(weights)

@@ -19,9 +19,13 @@ def _choice(group: str) -> str:
         return group
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_model_config(cfg: DictConfig) -> None:
     backbone = cfg.backbone
-    if not backbone.width_mult or backbone.width_mult <= 0:
+    if not _is_number(backbone.width_mult) or backbone.width_mult <= 0:
         raise ConfigError(f"backbone.width_mult={backbone.width_mult} is not allowed; expected a number > 0 "
                           f"(the paper's alpha: 1.0, 0.75, 0.5, 0.25, or 1.4 for V2).")
     if backbone.output_stride not in OUTPUT_STRIDES:
@@ -37,12 +41,17 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"head={head} needs {head_task} annotations but dataset={data} provides {data_task} ones; "
             f"pair head={head} with a {head_task} dataset ({TASK_DATASETS.get(head_task, '?')}).")
-    for key in ("epochs", "batch_size"):
-        if int(cfg[key]) <= 0:
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]} is not allowed; expected a positive integer.")
-    if cfg.dataset.input_size < 32:
-        raise ConfigError(f"dataset.input_size={cfg.dataset.input_size} is too small; expected at least 32 "
-                          f"pixels (the backbones reduce the input 32-fold).")
+    for key in ("num_workers", "max_bad_samples", "checkpoint_every_steps"):
+        if not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]} is not allowed; expected an integer >= 0.")
+    if not _is_number(cfg.optim.optimizer.lr) or cfg.optim.optimizer.lr <= 0:
+        raise ConfigError(f"optim.optimizer.lr={cfg.optim.optimizer.lr} is not allowed; expected a number > 0.")
+    if not isinstance(cfg.dataset.input_size, int) or cfg.dataset.input_size < 32:
+        raise ConfigError(f"dataset.input_size={cfg.dataset.input_size} cannot be taken by the model; expected a "
+                          f"whole number of pixels >= 32 (the backbones reduce the input 32-fold).")
     if cfg.dataset.get("prepare") is None and not Path(str(cfg.dataset.root)).exists():
         raise ConfigError(f"dataset.root={cfg.dataset.root} does not exist; expected the folder of the "
                           f"{_choice('dataset')} dataset (set dataset.root=/path/to/it).")

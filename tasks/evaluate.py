@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tasks import distributed as dist
+from tasks.cli import run
 from tasks.data import build_loader
 from tasks.engine import evaluate as run_evaluation
 from tasks.errors import user_errors_exit
@@ -48,5 +49,10 @@ def main(cfg: DictConfig) -> None:
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "evaluate")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

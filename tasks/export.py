@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tasks.cli import run
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.fold_bn import fold_batchnorm
 from tasks.trained import load_trained_model
@@ -327,5 +328,10 @@ def main(cfg: DictConfig) -> None:
         print("max |onnxruntime - pytorch|: " + ", ".join(f"{k}={v:.2e}" for k, v in parity.items()))
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "export")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

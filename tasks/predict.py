@@ -25,6 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tasks.cli import run
 from tasks.detection.coco import load_rgb
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.export import export_model, instantiate_node, model_metadata, read_sidecar, write_json
@@ -280,5 +281,10 @@ def main(cfg: DictConfig) -> None:
           f"results in {out_dir}")
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "predict")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from tasks.cli import run
 from tasks.complexity import (
     LAYER_TYPES,
     count_complexity,
@@ -92,5 +93,10 @@ def main(cfg: DictConfig) -> dict:
     return report
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "profile")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from tasks.cli import run
 from tasks.data import build_loader
 from tasks.engine import evaluate
 from tasks.errors import ConfigError, user_errors_exit
@@ -266,5 +267,10 @@ def main(cfg: DictConfig) -> None:
                 f"max_metric_drop={report['max_metric_drop']} (fail_on_drop=true).")
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "quantize")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

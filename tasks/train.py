@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tasks import distributed as dist
 from tasks.check_data import check_dataset
-from tasks.checkpoint import load_checkpoint
+from tasks.checkpoint import load_checkpoint, load_model_weights
+from tasks.cli import run
 from tasks.config_checks import check_train_config
 from tasks.data import build_loader
 from tasks.engine import Engine, EngineOptions, seed_everything
@@ -53,7 +54,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 
     model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
     if cfg.init_from:
-        model.load_state_dict(load_checkpoint(cfg.init_from)["model"])
+        load_model_weights(model, load_checkpoint(cfg.init_from), cfg.init_from, cfg.dataset.num_classes)
     if dist.is_distributed() and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -112,5 +113,10 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
+def cli() -> None:
+    """Console-script and `python -m` entry: a bad command line stops with one sentence."""
+    run(main, "train")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

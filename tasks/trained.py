@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tasks.checkpoint import CheckpointError, load_checkpoint
+from tasks.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from tasks.model import build_model
 
 
@@ -22,13 +22,7 @@ def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None) 
     if dataset_root is not None:
         cfg = rebase_dataset_root(cfg, dataset_root)
     model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines()
-        first = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config describes: "
-                              f"{first}") from None
+    load_model_weights(model, state, checkpoint)
     return model.eval(), cfg
 
 
