@@ -77,7 +77,8 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str 
                                   f"is not in it.")
         if weights[key].shape != tensor.shape:
             raise CheckpointError(f"checkpoint {path} does not fit the model{why}: {key} is "
-                                  f"{list(weights[key].shape)} in the checkpoint but {list(tensor.shape)} in the model.")
+                                  f"{list(weights[key].shape)} in the checkpoint but {list(tensor.shape)} "
+                                  f"in the model.")
     extra = [k for k in weights if k not in own]
     if extra:
         raise CheckpointError(f"checkpoint {path} does not fit the model{why}: its {extra[0]} has no place in it.")
