@@ -1,8 +1,9 @@
 """Side-by-side speed against torchvision, in one process, reported as ratios.
 
-    python -m benchmarks.run                 # full run (~5 minutes on 2 cores)
+    python -m benchmarks.run                 # full run (~5 minutes on 2 cores, deploy + data ~1.7 of them)
     python -m benchmarks.run --quick         # few repeats, to check that everything runs
     python -m benchmarks.run --threads 1 --only segmentation --out /tmp/seg.json
+    python -m benchmarks.run --only deploy --only data   # deployment paths; data loading vs training step
 
 See benchmarks/README.md for what is measured and how to read the table.
 """
@@ -23,24 +24,30 @@ from pathlib import Path
 import torch
 import torchvision
 
-from . import detection, segmentation
+from . import dataloading, deploy, detection, segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "bench" / "latest.json"
-TASKS = ("detection", "segmentation")
+TASKS = ("detection", "segmentation", "deploy", "data")
+SECTIONS = {"deploy": deploy, "data": dataloading}  # own tables, under their own key of the results
 
 
 @dataclass(frozen=True)
 class Plan:
     detection: detection.DetectionSettings
     segmentation: segmentation.SegmentationSettings
+    deploy: deploy.DeploySettings = deploy.DeploySettings()
+    data: dataloading.DataSettings = dataloading.DataSettings()
 
 
 # Full: 4.4 min of CPU time with 2 threads, so about 3 min on 2 idle cores; 8.5 min measured with the load
 # average at 3-7 on 2 cores (other jobs running), where the figures are not worth quoting anyway.
+# deploy + data: 99 s measured on 2 idle cores (load average 1.5 -> 1.9), exports and quantization included.
 FULL = Plan(detection.DetectionSettings(), segmentation.SegmentationSettings())
 QUICK = Plan(detection.DetectionSettings(train_repeats=1, train_warmup=1, infer_repeats=3, warmup=1),
-             segmentation.SegmentationSettings(repeats=2, warmup=1))
+             segmentation.SegmentationSettings(repeats=2, warmup=1),
+             deploy.DeploySettings(repeats=2, warmup=1, peak_repeats=2, peak_warmup=1, calibration_images=2),
+             dataloading.DataSettings(num_images=48, train_repeats=1, train_warmup=1))
 
 
 def cpu_model() -> str:
@@ -92,14 +99,17 @@ def run_all(plan: Plan, only: Sequence[str] = TASKS, log=print) -> dict:
     results: dict = {"environment": environment(), "plan": {}, "rows": [], "comparisons": [], "checks": {}}
     start = time.perf_counter()
     for task in only:
-        module = {"detection": detection, "segmentation": segmentation}[task]
+        module = {"detection": detection, "segmentation": segmentation, **SECTIONS}[task]
         settings = getattr(plan, task)
         log(f"--- {task} ---")
         part = module.run(settings, log=log)
         results["plan"][task] = part["settings"]
         results["checks"][task] = part["checks"]
-        results["rows"] += part["rows"]
-        results["comparisons"] += part["comparisons"]
+        if task in SECTIONS:
+            results[task] = part["section"]
+        else:
+            results["rows"] += part["rows"]
+            results["comparisons"] += part["comparisons"]
     results["environment"]["loadavg_end"] = list(os.getloadavg())
     results["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
     return results
@@ -119,13 +129,18 @@ def format_table(results: dict) -> str:
         ratio = f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]" if r else "(peer)"
         lines.append(f"{row['model']:<52} {row['params'] / 1e6:>8.2f} {row['madds'] / 1e9:>8.2f} "
                      f"{t['median']:>10.1f} {t['iqr']:>8.1f}  {ratio}")
+    if results["rows"]:
+        lines += ["", "ratio = our time / torchvision's time, median over interleaved rounds "
+                      "(< 1: ours is faster)"]
+    for task, module in SECTIONS.items():
+        if task in results:
+            lines += module.format_table(results[task]).splitlines()
     env = results["environment"]
     load = max(env["loadavg_start"][0], env.get("loadavg_end", [0.0])[0])
     if load > env["cores_available"]:
         lines += ["", f"WARNING: load average reached {load:.1f} on {env['cores_available']} cores: other work "
                       f"competed with this run; its figures are unreliable, run it again on a quiet machine."]
-    lines += ["", "ratio = our time / torchvision's time, median over interleaved rounds (< 1: ours is faster)",
-              f"torch {env['torch']}, torchvision {env['torchvision']}, {env['threads']} threads, "
+    lines += ["", f"torch {env['torch']}, torchvision {env['torchvision']}, {env['threads']} threads, "
               f"{env['cpu_model']}, {env['date']}, load average {env['loadavg_start'][0]:.1f} -> "
               f"{env.get('loadavg_end', [float('nan')])[0]:.1f}"]
     return "\n".join(lines)

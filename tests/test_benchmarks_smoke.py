@@ -15,13 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package; `python -m pytest` finds it anyway
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import detection, run, segmentation  # noqa: E402
+from benchmarks import dataloading, deploy, detection, run, segmentation  # noqa: E402
 from benchmarks.timing import interleaved, paired_ratio, summarise  # noqa: E402
 
 TINY = run.Plan(
     detection.DetectionSettings(input_size=64, num_classes=3, train_batch=2, infer_batch=1, train_repeats=1,
                                 train_warmup=1, infer_repeats=1, warmup=0),
     segmentation.SegmentationSettings(input_size=65, num_classes=4, repeats=1, warmup=0),
+    deploy.DeploySettings(detection_size=64, detection_classes=3, segmentation_size=65,
+                          segmentation_classes=4, width_mult=0.25, repeats=1, warmup=0, peak_size=64,
+                          peak_repeats=1, peak_warmup=0, calibration_images=1),
+    dataloading.DataSettings(sizes=(64,), workers=(0, 1), num_images=8, batch=2, train_repeats=1,
+                             train_warmup=1, pipeline_steps=2, width_mult=0.25),
 )
 
 
@@ -72,7 +77,8 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / "bench" / "results.json"
     try:
-        returned = run.main(["--quick", "--threads", "1", "--out", str(out)])
+        returned = run.main(["--quick", "--threads", "1", "--out", str(out), "--only", "detection",
+                             "--only", "segmentation"])
     finally:
         torch.set_num_threads(threads)
     results = json.loads(out.read_text())
@@ -113,6 +119,68 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
             model = peers[row["model"]](weights=None, weights_backbone=None, num_classes=4)
             assert row["params"] == sum(p.numel() for p in model.parameters())
     assert all(shape == [1, 65, 65] for shape in results["checks"]["segmentation"]["mask_shapes"].values())
+
+
+def test_cli_runs_the_deploy_and_data_sections_at_tiny_sizes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run, "QUICK", TINY)
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench" / "deploy.json"
+    try:
+        run.main(["--quick", "--threads", "1", "--out", str(out), "--only", "deploy", "--only", "data"])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert results["rows"] == [] and set(results["plan"]) == {"deploy", "data"}
+
+    # Deploy: every path of both models, its MAdds/s and % of peak from its own time and the measured peak.
+    section = results["deploy"]
+    peak = section["peak"]
+    assert peak["size"] == 64 and peak["threads"] == 1
+    assert peak["madds_per_s"] == pytest.approx(64 ** 3 / (peak["time_ms"]["median"] / 1e3))
+    assert peak["madds_per_s"] == max(peak["madds_per_s_before"], peak["madds_per_s_after"])
+    paths = [(r["task"], r["path"]) for r in section["rows"]]
+    assert paths == [("detection", p) for p in (*deploy.PATHS, deploy.ORT_POST)] + [
+        ("segmentation", p) for p in deploy.PATHS]
+    for row in section["rows"]:
+        seconds = row["time_ms"]["median"] / 1e3
+        assert row["madds"] > 0 and row["madds_per_s"] == pytest.approx(row["madds"] / seconds)
+        assert row["percent_of_peak"] == pytest.approx(100 * row["madds_per_s"] / peak["madds_per_s"])
+        eager = next(r for r in section["rows"] if r["task"] == row["task"] and r["path"] == deploy.EAGER)
+        assert row["vs_eager"]["median"] == pytest.approx(row["samples_ms"][0] / eager["samples_ms"][0])
+        assert row["path"] in printed
+    for task in ("detection", "segmentation"):
+        checks = results["checks"]["deploy"][task]
+        assert checks["batchnorms_folded"] > 0
+        assert max(checks["folded_rel_diff"].values()) < 1e-3
+        assert max(checks["ort_fp32_rel_diff"].values()) < 1e-3
+        assert checks["int8_onnx_mb"] < checks["onnx_mb"]  # int8 weights: about a quarter of the fp32 bytes
+    # Untrained, every class scores ~1/(K+1) > 0.01: all anchors of all 3 classes reach NMS. SSDLite at 64 px:
+    # maps of 4x4 (3 boxes each, TF's reduced first map), 2x2, 1x1, 1x1, 1x1, 1x1 (6 boxes each) = 96 anchors.
+    anchors = 4 * 4 * 3 + (2 * 2 + 1 + 1 + 1 + 1) * 6
+    assert results["checks"]["deploy"]["detection"]["nms_candidates_per_image"] == 3 * anchors
+
+    # Data: 8 images in batches of 2 = 4 batches, the first one untimed; the verdict follows the two rates.
+    data = results["data"]
+    loaders = [(r["input_size"], r["num_workers"], r["images"]) for r in data["loader"]]
+    assert loaders == [(64, 0, 6), (64, 1, 6)]
+    assert [r["images"] for r in data["pipeline"]] == [4, 4]
+    (step,) = data["train_step"]
+    assert step["images_per_s"] == pytest.approx(2 / (step["time_ms"]["median"] / 1e3))
+    for v in data["verdicts"]:
+        slower = "data loading" if v["loader_images_per_s"] < v["step_images_per_s"] else "training step"
+        assert v["bottleneck"] == slower and v["bottleneck"] in printed
+    assert "--only deploy --only data" in results["environment"]["command"]
+
+
+def test_verdict_against_hand_computed_rates():
+    # In-process loading and the step take turns: 1 / (1/100 + 1/10) images/s together.
+    v = dataloading.verdict(100.0, 10.0, workers=0)
+    assert v["bottleneck"] == "training step" and v["expected_images_per_s"] == pytest.approx(1000 / 110)
+    assert "10%" in v["note"]
+    v = dataloading.verdict(5.0, 10.0, workers=2)  # workers overlap: the slower side sets the pace
+    assert v["bottleneck"] == "data loading" and v["expected_images_per_s"] == 5.0
+    assert v["supply_over_demand"] == 0.5
 
 
 def test_bad_thread_count_is_refused():

@@ -1,0 +1,193 @@
+"""Data loading against the training step: which one limits SSDLite training on this machine.
+
+Supply: images/s of the training DataLoader (tasks.data.build_loader, batch 16, shuffled, drop_last) over
+the built-in shapes detection set (tasks.synthetic.ensure_shapes, written to a temp folder with images
+of the input size) with all of SSD's augmentations on (photometric, zoom-out, IoU crop, flip), for each
+number of workers. The clock starts when the first batch has arrived (worker start-up is recorded apart)
+and stops at the last one.
+
+Demand: images/s of one training step at batch 16 (zero_grad, forward, loss, backward, AdamW step with the
+demo's settings), eager, model and images channels_last, on a batch from that loader; SSDLite-MobileNetV2
+(conf/head/ssdlite.yaml, 3 classes), random weights.
+
+The two are measured one at a time, then together: the loader feeding the step for a few steps (the
+training loop without logging), which is what training gets. With workers the two run side by side on
+the same cores here, so the pipeline can fall below both: read the three columns together.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from tasks.data import build_loader, set_loader_epoch
+from tasks.detection.coco import CocoDetection
+from tasks.detection.transforms import build_detection_transforms
+from tasks.model import build_model
+from tasks.synthetic import SHAPE_CLASSES, ensure_shapes
+
+from .timing import interleaved, summarise
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+AUGMENTATIONS = {"photometric": True, "zoom_out": True, "iou_crop": True, "hflip": True}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    sizes: tuple[int, ...] = (320, 160)  # 320: SSDLite's COCO size; 160: the demo's (make demo)
+    workers: tuple[int, ...] = (0, 1, 2)
+    num_images: int = 200
+    batch: int = 16
+    loader_epochs: int = 1  # full passes over the set per worker count
+    train_repeats: int = 5
+    train_warmup: int = 1
+    pipeline_steps: int = 6  # loader + step together, per worker count, after train_warmup steps
+    width_mult: float = 1.0
+    lr: float = 0.003  # the demo's AdamW (conf/experiment/demo_ssdlite_shapes.yaml)
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def training_set(root: Path, size: int) -> CocoDetection:
+    return CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json",
+                         build_detection_transforms(size, train=True, **AUGMENTATIONS), train=True)
+
+
+def loader_throughput(loader: DataLoader, epochs: int) -> dict:
+    """Images/s from the first batch's arrival to the last batch, over `epochs` passes."""
+    images, seconds, first = 0, 0.0, []
+    for epoch in range(epochs):
+        set_loader_epoch(loader, epoch)
+        start = time.perf_counter()
+        iterator = iter(loader)
+        next(iterator)
+        arrived = time.perf_counter()
+        first.append(arrived - start)
+        for batch, _targets in iterator:
+            images += batch.shape[0]
+        seconds += time.perf_counter() - arrived
+    if images == 0:
+        raise ValueError(f"the loader gave fewer than 2 batches per epoch ({len(loader)}); raise num_images.")
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "first_batch_s": summarise(first).median}
+
+
+def training_step(num_classes: int, s: DataSettings) -> Callable[[torch.Tensor, list[dict]], None]:
+    """`step(images, targets)`: tasks/engine.py's training step without AMP, clipping or logging."""
+    backbone = OmegaConf.load(CONF / "backbone" / "mobilenet_v2.yaml")
+    backbone.width_mult = s.width_mult
+    torch.manual_seed(s.seed)
+    model = build_model(backbone, OmegaConf.load(CONF / "head" / "ssdlite.yaml"), num_classes)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+    def step(images: torch.Tensor, targets: list[dict]) -> None:
+        images = images.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        losses = model.loss(model(images), targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def step_throughput(step: Callable, images: torch.Tensor, targets: list[dict], s: DataSettings) -> dict:
+    """The step alone, on one batch held in memory."""
+    samples = interleaved({"step": lambda: step(images, targets)}, s.train_repeats, s.train_warmup)["step"]
+    summary = summarise(samples)
+    return {"batch": images.shape[0], "time_ms": summary.as_dict(), "samples_ms": samples,
+            "images_per_s": images.shape[0] / (summary.median / 1e3)}
+
+
+def pipeline_throughput(step: Callable, loader: DataLoader, warmup: int, steps: int) -> dict:
+    """The loader feeding the step: images/s over `steps` steps after `warmup` ones (worker start-up)."""
+    if len(loader) < warmup + steps:
+        raise ValueError(f"the loader has {len(loader)} batches per epoch, fewer than the {warmup} + {steps} "
+                         f"pipeline steps; raise num_images or lower pipeline_steps.")
+    set_loader_epoch(loader, 0)
+    iterator = iter(loader)
+    for _ in range(warmup):
+        step(*next(iterator))
+    images, start = 0, time.perf_counter()
+    for _ in range(steps):
+        batch, targets = next(iterator)
+        step(batch, targets)
+        images += batch.shape[0]
+    seconds = time.perf_counter() - start
+    del iterator  # stops the workers
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def verdict(supply: float, demand: float, workers: int) -> dict:
+    """Which side is slower, and what the pipeline would reach if nothing else interfered: in-process
+    (0 workers) loading and the step take turns, so their times add; workers overlap with the step."""
+    bottleneck = "data loading" if supply < demand else "training step"
+    if workers == 0:
+        expected = 1.0 / (1.0 / supply + 1.0 / demand)
+        note = f"in-process loading adds {100.0 * demand / supply:.0f}% to each step's time"
+    else:
+        expected = min(supply, demand)
+        keep_up = "cannot keep up" if supply < demand else "keep up"
+        note = f"{workers} worker(s) {keep_up} if given cores of their own"
+    return {"bottleneck": bottleneck, "supply_over_demand": supply / demand,
+            "expected_images_per_s": expected, "note": note}
+
+
+def run(settings: DataSettings, log=print) -> dict:
+    s = settings
+    if any(w < 0 for w in s.workers) or not s.sizes:
+        raise ValueError(f"DataSettings needs sizes and non-negative worker counts, got sizes={s.sizes} "
+                         f"and workers={s.workers}.")
+    loaders, steps, pipelines, verdicts, checks = [], [], [], [], {}
+    with tempfile.TemporaryDirectory(prefix="mobilevision-bench-data-") as tmp:
+        for size in s.sizes:
+            start = time.perf_counter()
+            root = ensure_shapes(Path(tmp) / f"shapes_{size}", "coco", num_train=s.num_images, num_val=0,
+                                 image_size=size, seed=s.seed)
+            checks[f"shapes_{size}_written_s"] = round(time.perf_counter() - start, 2)
+            dataset = training_set(root, size)
+            step = training_step(len(SHAPE_CLASSES), s)
+            images, targets = next(iter(build_loader(dataset, s.batch, True, 0, s.seed)))
+            alone = {"input_size": size, **step_throughput(step, images, targets, s)}
+            steps.append(alone)
+            log(f"data: {size}px train step alone, batch {s.batch}: {alone['time_ms']['median']:.0f} ms = "
+                f"{alone['images_per_s']:.1f} images/s")
+            for workers in s.workers:
+                loader = build_loader(dataset, s.batch, True, workers, s.seed)
+                supply = {"input_size": size, "num_workers": workers, "batch": s.batch,
+                          **loader_throughput(loader, s.loader_epochs)}
+                loaders.append(supply)
+                both = {"input_size": size, "num_workers": workers, "batch": s.batch,
+                        **pipeline_throughput(step, loader, s.train_warmup, s.pipeline_steps)}
+                pipelines.append(both)
+                log(f"data: {size}px, {workers} workers: loader alone {supply['images_per_s']:.1f} images/s "
+                    f"(first batch after {supply['first_batch_s']:.2f} s), loader + step "
+                    f"{both['images_per_s']:.1f} images/s")
+                verdicts.append({"input_size": size, "num_workers": workers,
+                                 "loader_images_per_s": supply["images_per_s"],
+                                 "step_images_per_s": alone["images_per_s"],
+                                 "pipeline_images_per_s": both["images_per_s"],
+                                 **verdict(supply["images_per_s"], alone["images_per_s"], workers)})
+    checks["augmentations"] = AUGMENTATIONS
+    return {"settings": asdict(s), "checks": checks,
+            "section": {"loader": loaders, "train_step": steps, "pipeline": pipelines, "verdicts": verdicts}}
+
+
+def format_table(section: dict) -> str:
+    header = (f"{'input':>5} {'workers':>7} {'loader img/s':>12} {'step img/s':>10} {'loader/step':>11} "
+              f"{'together img/s':>14}  {'slower side':<14} note")
+    lines = ["", "data: SSD-augmented shapes DataLoader vs SSDLite-MobileNetV2 training step "
+                 "(batch 16, eager, channels_last, AdamW; images/s)", header, "-" * len(header)]
+    for v in section["verdicts"]:
+        lines.append(f"{v['input_size']:>5} {v['num_workers']:>7} {v['loader_images_per_s']:>12.1f} "
+                     f"{v['step_images_per_s']:>10.1f} {v['supply_over_demand']:>11.1f} "
+                     f"{v['pipeline_images_per_s']:>14.1f}  {v['bottleneck']:<14} {v['note']}")
+    lines.append("loader and step alone, then together (the loader feeding the step: what training gets); "
+                 "workers share this machine's cores with the step")
+    return "\n".join(lines)
