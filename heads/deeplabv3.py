@@ -152,31 +152,38 @@ class DeepLabV3Head(nn.Module):
     def predict(self, outputs: Mapping[str, torch.Tensor], image_sizes: Sequence[Sequence[int]],
                 input_size: Sequence[int] | None = None,
                 valid_sizes: Sequence[Sequence[int]] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Per image {"mask": int64 [h, w]} for each (h, w) in `image_sizes`.
-
-        Without `input_size`, the logits are taken to cover the whole image (a plain resize), and are
-        upsampled straight to (h, w). With `input_size` (H, W of the network input) and `valid_sizes`
-        (the top-left region of the input that holds each image, as the eval transforms pad bottom and
-        right), the logits are upsampled to the input, cropped to that region, then resized to (h, w).
-        """
-        logits = outputs["logits"]
-        if len(image_sizes) != logits.shape[0]:
-            raise ValueError(f"predict got {len(image_sizes)} image sizes for a batch of {logits.shape[0]}.")
-        if (input_size is None) != (valid_sizes is None):
-            raise ValueError("predict needs both input_size and valid_sizes, or neither.")
-        results = []
-        for i, size in enumerate(image_sizes):
-            h, w = (int(s) for s in size)
-            x = logits[i:i + 1].float()
-            if input_size is not None:
-                x = F.interpolate(x, size=tuple(int(s) for s in input_size), mode="bilinear",
-                                  align_corners=False)
-                vh, vw = (int(s) for s in valid_sizes[i])
-                x = x[..., :vh, :vw]
-            if tuple(x.shape[-2:]) != (h, w):
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-            results.append({"mask": x[0].argmax(0).to(torch.int64)})
-        return results
+        """Per image {"mask": int64 [h, w]} for each (h, w) in `image_sizes` (see `logits_to_label_maps`)."""
+        return logits_to_label_maps(outputs["logits"], image_sizes, input_size, valid_sizes)
 
 
-__all__ = ["DeepLabV3Head", "ASPP", "ImagePooling", "default_atrous_rates"]
+@torch.no_grad()
+def logits_to_label_maps(logits: torch.Tensor, image_sizes: Sequence[Sequence[int]],
+                         input_size: Sequence[int] | None = None,
+                         valid_sizes: Sequence[Sequence[int]] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Logits [B, K, h', w'] -> per image {"mask": int64 [h, w]}; also the ONNX Runtime path's decoder.
+
+    Without `input_size`, the logits are taken to cover the whole image (a plain resize), and are
+    upsampled straight to (h, w). With `input_size` (H, W of the network input) and `valid_sizes`
+    (the top-left region of the input that holds each image, as the eval transforms pad bottom and
+    right), the logits are upsampled to the input, cropped to that region, then resized to (h, w).
+    """
+    if len(image_sizes) != logits.shape[0]:
+        raise ValueError(f"predict got {len(image_sizes)} image sizes for a batch of {logits.shape[0]}.")
+    if (input_size is None) != (valid_sizes is None):
+        raise ValueError("predict needs both input_size and valid_sizes, or neither.")
+    results = []
+    for i, size in enumerate(image_sizes):
+        h, w = (int(s) for s in size)
+        x = logits[i:i + 1].float()
+        if input_size is not None:
+            target = tuple(int(s) for s in input_size)
+            if tuple(x.shape[-2:]) != target:
+                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+            vh, vw = (int(s) for s in valid_sizes[i])
+            x = x[..., :vh, :vw]
+        if tuple(x.shape[-2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        results.append({"mask": x[0].argmax(0).to(torch.int64)})
+    return results
+
+__all__ = ["DeepLabV3Head", "ASPP", "ImagePooling", "default_atrous_rates", "logits_to_label_maps"]

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from heads.deeplabv3 import logits_to_label_maps
 from heads.ssdlite.box_coder import BoxCoder
 from heads.ssdlite.postprocess import postprocess
 from tasks.export import read_sidecar
@@ -46,31 +46,11 @@ def decode_detections(outputs: Mapping[str, ArrayLike], image_sizes: Sequence[tu
                        int(settings["detections_per_image"]))
 
 
-@torch.no_grad()
 def decode_segmentation(logits: ArrayLike, image_sizes: Sequence[Sequence[int]],
                         input_size: Sequence[int] | None = None,
                         valid_sizes: Sequence[Sequence[int]] | None = None) -> list[dict[str, torch.Tensor]]:
-    """The same as heads.deeplabv3.DeepLabV3Head.predict (which needs a head instance): logits upsampled
-    to (h, w), or with `input_size`/`valid_sizes` to the input, cropped to the image's region, resized."""
-    logits = _tensor(logits)
-    if len(image_sizes) != logits.shape[0]:
-        raise ValueError(f"predict got {len(image_sizes)} image sizes for a batch of {logits.shape[0]}.")
-    if (input_size is None) != (valid_sizes is None):
-        raise ValueError("predict needs both input_size and valid_sizes, or neither.")
-    results = []
-    for i, size in enumerate(image_sizes):
-        h, w = (int(s) for s in size)
-        x = logits[i:i + 1].float()
-        if input_size is not None:
-            target = tuple(int(s) for s in input_size)
-            if tuple(x.shape[-2:]) != target:
-                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
-            vh, vw = (int(s) for s in valid_sizes[i])
-            x = x[..., :vh, :vw]
-        if tuple(x.shape[-2:]) != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        results.append({"mask": x[0].argmax(0).to(torch.int64)})
-    return results
+    """Raw DeepLab logits (numpy or torch) -> per image {"mask"}, exactly as the PyTorch head decodes them."""
+    return logits_to_label_maps(_tensor(logits), image_sizes, input_size, valid_sizes)
 
 
 class OnnxModel:
