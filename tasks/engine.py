@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from tasks import distributed as dist
 from tasks.checkpoint import load_checkpoint, save_checkpoint
 from tasks.data import set_loader_epoch
 from tasks.errors import DataError
+from tasks.segmentation.metrics import multiscale_flip_logits
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +329,13 @@ class Engine:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch.device,
-             progress: bool = True, amp: str | None = None, channels_last: bool = False) -> dict[str, float]:
+             progress: bool = True, amp: str | None = None, channels_last: bool = False,
+             multiscale_flip: Sequence[float] | None = None) -> dict[str, float]:
     """Run the model over `loader` (each rank its share), feed the evaluator, merge the ranks'
-    states on rank 0, compute there, and give every rank the result."""
+    states on rank 0, compute there, and give every rank the result.
+
+    `multiscale_flip`: segmentation only, the scales of the papers' "MF" inference (each scale and
+    its mirror image averaged as probabilities)."""
     net = unwrap(model)
     net.eval()
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
@@ -341,7 +346,10 @@ def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast:
-            outputs = net(images)
+            if multiscale_flip:
+                outputs = {"logits": multiscale_flip_logits(lambda x: net(x)["logits"], images, multiscale_flip)}
+            else:
+                outputs = net(images)
         outputs = {k: v.float() if torch.is_tensor(v) else v for k, v in outputs.items()}
         predictions = net.predict(outputs, prediction_sizes(targets))
         predictions = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()} for p in predictions]

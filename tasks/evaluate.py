@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -14,19 +15,23 @@ from tasks import distributed as dist
 from tasks.cli import run
 from tasks.data import build_loader
 from tasks.engine import evaluate as run_evaluation
-from tasks.errors import user_errors_exit
+from tasks.errors import ConfigError, user_errors_exit
 from tasks.trained import load_trained_model
 
 
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
-                        batch_size: int = 16, num_workers: int = 2, progress: bool = True) -> dict[str, float]:
+                        batch_size: int = 16, num_workers: int = 2, progress: bool = True,
+                        multiscale_flip: Sequence[float] | None = None) -> dict[str, float]:
     model, cfg = load_trained_model(checkpoint, dataset_root)
+    if multiscale_flip and cfg.head.get("task") != "segmentation":
+        raise ConfigError(f"multiscale_flip={list(multiscale_flip)} is the segmentation papers' MF inference; "
+                          f"the checkpoint's head is {cfg.head.get('task')}, expected segmentation (or null).")
     device = dist.init_from_env()
     model.to(device)
     val_set = instantiate(cfg.dataset.val)
     loader = build_loader(val_set, batch_size, False, num_workers, 0)
     evaluator = val_set.evaluator()
-    metrics = run_evaluation(model, loader, evaluator, device, progress=progress)
+    metrics = run_evaluation(model, loader, evaluator, device, progress=progress, multiscale_flip=multiscale_flip)
     if dist.is_main():
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +48,7 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     run_dir = HydraConfig.get().runtime.output_dir
     metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
-                                  cfg.num_workers, cfg.progress)
+                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip)
     if dist.is_main():
         print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")

@@ -104,3 +104,16 @@ def test_a_file_that_breaks_mid_run_is_skipped_then_the_run_stops_past_the_limit
     with pytest.raises(DataError) as err:
         train(compose_train([*overrides, "max_bad_samples=1"]), tmp_path / "stopped")
     assert "more than max_bad_samples=1" in str(err.value) and broken[0].name in str(err.value)
+
+
+def test_multiscale_flip_evaluation_is_an_option_for_segmentation(artifacts, tmp_path):
+    from tasks.errors import ConfigError
+
+    checkpoint = artifacts["segmentation"]["checkpoint"]
+    plain = evaluate_checkpoint(checkpoint, tmp_path / "plain", num_workers=0, progress=False)
+    mf = evaluate_checkpoint(checkpoint, tmp_path / "mf", num_workers=0, progress=False,
+                             multiscale_flip=[0.75, 1.0, 1.25])
+    assert 0.0 <= mf["mIoU"] <= 1.0 and 0.0 <= plain["mIoU"] <= 1.0
+    with pytest.raises(ConfigError, match="multiscale_flip"):
+        evaluate_checkpoint(artifacts["detection"]["checkpoint"], tmp_path / "det", num_workers=0,
+                            progress=False, multiscale_flip=[1.0])
