@@ -121,4 +121,3 @@ def test_multiscale_flip_averages_probabilities():
         single = pointwise(images).softmax(1)
     assert torch.allclose(multiscale_flip_logits(pointwise, images, scales=(1.0,)), single, atol=1e-6)
     assert torch.allclose(probs.sum(1), torch.ones(2, 32, 32), atol=1e-5)
-
