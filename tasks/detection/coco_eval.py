@@ -11,17 +11,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from tasks.detection.predictions import prediction_arrays, to_numpy
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 class CocoEvaluator:
@@ -49,7 +44,7 @@ class CocoEvaluator:
                 f"got {len(targets)} targets but {len(predictions)} predictions; expected one per image."
             )
         for target, pred in zip(targets, predictions, strict=True):
-            image_id = int(_numpy(target["image_id"]))
+            image_id = int(to_numpy(target["image_id"]))
             if image_id not in self.coco_gt.imgs:
                 raise ValueError(f"image_id {image_id} is not in the ground-truth COCO json.")
             if image_id in self._seen:
@@ -59,14 +54,7 @@ class CocoEvaluator:
             self._results.extend(self._to_results(image_id, pred))
 
     def _to_results(self, image_id: int, pred: Mapping[str, Any]) -> list[dict]:
-        boxes = _numpy(pred["boxes"]).astype(np.float64).reshape(-1, 4)
-        scores = _numpy(pred["scores"]).astype(np.float64).reshape(-1)
-        labels = _numpy(pred["labels"]).astype(np.int64).reshape(-1)
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(
-                f"image {image_id}: prediction has {len(boxes)} boxes, {len(scores)} scores and "
-                f"{len(labels)} labels; expected equal counts."
-            )
+        boxes, scores, labels = prediction_arrays(pred, image_id)
         bad = labels[(labels < 0) | (labels >= len(self.label_to_cat_id))]
         if len(bad):
             raise ValueError(

@@ -22,13 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from tasks.detection.predictions import prediction_arrays, to_numpy
+
 GroundTruth = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes [G,4] xyxy, labels [G], difficult [G] bool
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,9 +74,9 @@ class VOCEvaluator:
         self.use_07_metric = bool(use_07_metric)
         self.ground_truth: dict[Any, GroundTruth] = {}
         for image_id, (boxes, labels, difficult) in ground_truth.items():
-            boxes = _numpy(boxes).astype(np.float64).reshape(-1, 4)
-            labels = _numpy(labels).astype(np.int64).reshape(-1)
-            difficult = _numpy(difficult).astype(bool).reshape(-1)
+            boxes = to_numpy(boxes).astype(np.float64).reshape(-1, 4)
+            labels = to_numpy(labels).astype(np.int64).reshape(-1)
+            difficult = to_numpy(difficult).astype(bool).reshape(-1)
             if not len(boxes) == len(labels) == len(difficult):
                 raise ValueError(
                     f"ground truth of image {image_id!r} has {len(boxes)} boxes, {len(labels)} labels and "
@@ -94,7 +90,7 @@ class VOCEvaluator:
 
     @staticmethod
     def _key(image_id: Any) -> Any:
-        image_id = _numpy(image_id) if hasattr(image_id, "detach") else image_id
+        image_id = to_numpy(image_id) if hasattr(image_id, "detach") else image_id
         if isinstance(image_id, np.ndarray):
             image_id = image_id.item()
         return int(image_id) if isinstance(image_id, (int, np.integer)) else image_id
@@ -110,14 +106,7 @@ class VOCEvaluator:
                 raise ValueError(f"image_id {image_id!r} has no ground truth in this evaluator.")
             if image_id in self._detections:
                 continue
-            boxes = _numpy(pred["boxes"]).astype(np.float64).reshape(-1, 4)
-            scores = _numpy(pred["scores"]).astype(np.float64).reshape(-1)
-            labels = _numpy(pred["labels"]).astype(np.int64).reshape(-1)
-            if not len(boxes) == len(scores) == len(labels):
-                raise ValueError(
-                    f"image {image_id!r}: prediction has {len(boxes)} boxes, {len(scores)} scores and "
-                    f"{len(labels)} labels; expected equal counts."
-                )
+            boxes, scores, labels = prediction_arrays(pred, image_id)
             self._detections[image_id] = (boxes, scores, labels)
 
     def compute(self) -> dict[str, float]:
