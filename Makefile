@@ -25,7 +25,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 lint: $(STAMP)
-	$(PY) -m ruff check backbones heads tasks tests benchmarks
+	$(PY) -m ruff check mobilevision backbones heads tasks tests benchmarks
 
 clean:
 	rm -rf $(VENV) outputs data .pytest_cache

@@ -1,7 +1,7 @@
 """Data loading against the training step: which one limits SSDLite training on this machine.
 
-Supply: images/s of the training DataLoader (tasks.data.build_loader, batch 16, shuffled, drop_last) over
-the built-in shapes detection set (tasks.synthetic.ensure_shapes, written to a temp folder with images
+Supply: images/s of the training DataLoader (tasks.training.loaders.build_loader, batch 16, shuffled, drop_last) over
+the built-in shapes detection set (tasks.datasets.shapes.ensure_shapes, written to a temp folder with images
 of the input size) with all of SSD's augmentations on (photometric, zoom-out, IoU crop, flip), for each
 number of workers. The clock starts when the first batch has arrived (worker start-up is recorded apart)
 and stops at the last one.
@@ -26,11 +26,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from tasks.data import build_loader, set_loader_epoch
+from tasks.datasets.shapes import SHAPE_CLASSES, ensure_shapes
 from tasks.detection.coco import CocoDetection
 from tasks.detection.transforms import build_detection_transforms
-from tasks.model import build_model
-from tasks.synthetic import SHAPE_CLASSES, ensure_shapes
+from tasks.training.loaders import build_loader, set_loader_epoch
+from tasks.training.model import build_model
 
 from .timing import interleaved, summarise
 
@@ -79,7 +79,7 @@ def loader_throughput(loader: DataLoader, epochs: int) -> dict:
 
 
 def training_step(num_classes: int, s: DataSettings) -> Callable[[torch.Tensor, list[dict]], None]:
-    """`step(images, targets)`: tasks/engine.py's training step without AMP, clipping or logging."""
+    """`step(images, targets)`: tasks/training/engine.py's training step without AMP, clipping or logging."""
     backbone = OmegaConf.load(CONF / "backbone" / "mobilenet_v2.yaml")
     backbone.width_mult = s.width_mult
     torch.manual_seed(s.seed)

@@ -2,14 +2,14 @@
 
 Paths, timed in the same interleaved rounds (benchmarks/timing.py), network forward only:
 1. PyTorch eager, fp32, NCHW (the model as trained);
-2. PyTorch eager after tasks.fold_bn.fold_batchnorm, weights and input in channels_last;
-3. ONNX Runtime fp32 on tasks.export.export_model's file (BN folded there too), CPUExecutionProvider;
-4. ONNX Runtime INT8: tasks.quantize.quantize_onnx (static QDQ, int8 per-channel weights, uint8
+2. PyTorch eager after tasks.deploy.fold_bn.fold_batchnorm, weights and input in channels_last;
+3. ONNX Runtime fp32 on tasks.deploy.onnx_export.export_model's file (BN folded there too), CPUExecutionProvider;
+4. ONNX Runtime INT8: tasks.deploy.int8.quantize_onnx (static QDQ, int8 per-channel weights, uint8
    activations) calibrated on a few random normal images (the models have random weights: the
    latency does not depend on the values, the INT8 accuracy would, and is not measured here).
-SSDLite also gets one row with its postprocessing (ONNX Runtime fp32 + tasks.onnx_runtime.decode_detections).
+SSDLite also gets one row with its postprocessing (ONNX Runtime fp32 + tasks.deploy.onnx_runtime.decode_detections).
 
-Achieved MAdds/s = the model's MAdds (tasks.complexity.count_complexity: conv + linear multiply-adds per
+Achieved MAdds/s = the model's MAdds (tasks.analysis.complexity.count_complexity: conv + linear multiply-adds per
 image) / the path's median time; the peak is torch.mm on two size x size fp32 matrices with the same
 threads (size^3 multiply-adds per call, median time). INT8 paths can pass 100 %: the peak is fp32's.
 """
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.complexity import count_complexity
-from tasks.export import export_model, read_sidecar
-from tasks.fold_bn import fold_batchnorm
-from tasks.model import build_model
-from tasks.onnx_runtime import decode_detections
-from tasks.quantize import ImageCalibrationReader, quantize_onnx
+from tasks.analysis.complexity import count_complexity
+from tasks.deploy.fold_bn import fold_batchnorm
+from tasks.deploy.int8 import ImageCalibrationReader, quantize_onnx
+from tasks.deploy.onnx_export import export_model
+from tasks.deploy.onnx_runtime import decode_detections
+from tasks.deploy.sidecar import read_sidecar
+from tasks.training.model import build_model
 
 from .timing import interleaved, paired_ratio, summarise
 

@@ -26,8 +26,8 @@ from torchvision.models.detection.ssdlite import _extra_block, _normal_init
 from backbones import MobileNetV2
 from heads.ssdlite import SSDLiteHead
 from heads.ssdlite.box_coder import cxcywh_to_xyxy
-from tasks.complexity import count_complexity
-from tasks.model import BackboneWithHead
+from tasks.analysis.complexity import count_complexity
+from tasks.training.model import BackboneWithHead
 
 from .timing import interleaved, paired_ratio, result_row, summarise
 

@@ -17,8 +17,8 @@ from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, lraspp
 
 from backbones import MobileNetV2
 from heads.deeplabv3 import DeepLabV3Head
-from tasks.complexity import count_complexity
-from tasks.model import BackboneWithHead
+from tasks.analysis.complexity import count_complexity
+from tasks.training.model import BackboneWithHead
 
 from .timing import interleaved, paired_ratio, result_row
 

@@ -86,7 +86,7 @@ def paired_ratio(ours: Sequence[float], peer: Sequence[float]) -> Summary:
 
 
 def result_row(task: str, model: str, role: str, measure: str, complexity, samples: Sequence[float]) -> dict:
-    """One line of the results: who, what was timed, its size (tasks.complexity) and its times."""
+    """One line of the results: who, what was timed, its size (tasks.analysis.complexity) and its times."""
     return {"task": task, "model": model, "role": role, "measure": measure, "params": complexity.params,
             "madds": complexity.madds, "time_ms": summarise(samples).as_dict(), "samples_ms": list(samples),
             "ratio": None}

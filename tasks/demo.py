@@ -19,7 +19,7 @@ from PIL import Image
 
 from tasks.segmentation.palette import overlay
 from tasks.train import train
-from tasks.trained import load_trained_model
+from tasks.training.trained import load_trained_model
 
 DEMOS = (
     ("detection", "demo_ssdlite_shapes", "AP", 0.5),

@@ -7,8 +7,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tasks.checkpoint import CheckpointError
-
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key, the value, what is allowed."""
@@ -16,6 +14,10 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A dataset that cannot be trained on; the message names the file and what was expected."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one sentence naming the file."""
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)

@@ -11,12 +11,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tasks import distributed as dist
 from tasks.cli import run
-from tasks.data import build_loader
-from tasks.engine import evaluate as run_evaluation
 from tasks.errors import ConfigError, user_errors_exit
-from tasks.trained import load_trained_model
+from tasks.training import distributed as dist
+from tasks.training.evaluation import evaluate as run_evaluation
+from tasks.training.loaders import build_loader
+from tasks.training.trained import load_trained_model
 
 
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,

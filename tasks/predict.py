@@ -25,14 +25,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tasks.analysis.visualize import draw_detections, draw_mask
 from tasks.cli import run
+from tasks.deploy.onnx_export import export_model
+from tasks.deploy.sidecar import model_metadata, read_sidecar, write_json
 from tasks.detection.coco import load_rgb
 from tasks.errors import ConfigError, user_errors_exit
-from tasks.export import export_model, instantiate_node, model_metadata, read_sidecar, write_json
+from tasks.resolve import instantiate_node
 from tasks.segmentation.palette import save_label_png
 from tasks.segmentation.transforms import eval_valid_size
-from tasks.trained import load_trained_model
-from tasks.visualize import draw_detections, draw_mask
+from tasks.training.trained import load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,7 @@ def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir
         model, cfg = load_trained_model(checkpoint)
         meta = model_metadata(cfg) | {"train_config": OmegaConf.to_container(cfg, resolve=True)}
         return model.to(device), meta
-    from tasks.onnx_runtime import OnnxModel
+    from tasks.deploy.onnx_runtime import OnnxModel
 
     if not onnx:
         if not checkpoint:

@@ -13,15 +13,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.cli import run
-from tasks.complexity import (
+from tasks.analysis.complexity import (
     LAYER_TYPES,
     count_complexity,
     cpu_latency_ms,
     eager_peak_memory,
     materialized_memory,
 )
-from tasks.model import build_model
+from tasks.cli import run
+from tasks.training.model import build_model
 
 DEFAULT_CLASSES = {None: 1000, "detection": 80, "segmentation": 21}
 

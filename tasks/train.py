@@ -10,16 +10,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tasks import distributed as dist
-from tasks.check_data import check_dataset
-from tasks.checkpoint import load_checkpoint, load_model_weights
 from tasks.cli import run
-from tasks.config_checks import check_train_config
-from tasks.data import build_loader
-from tasks.engine import Engine, EngineOptions, seed_everything
+from tasks.datasets.check import check_dataset
 from tasks.errors import ConfigError, user_errors_exit
-from tasks.model import build_model
-from tasks.optim import build_optimizer, build_scheduler
+from tasks.training import distributed as dist
+from tasks.training.checkpoint import load_checkpoint, load_model_weights
+from tasks.training.config_checks import check_train_config
+from tasks.training.engine import Engine, EngineOptions
+from tasks.training.loaders import build_loader
+from tasks.training.model import build_model
+from tasks.training.optim import build_optimizer, build_scheduler
+from tasks.training.rng import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 
 def _plot_curves(history: list[dict], path: Path) -> None:
     try:
-        from tasks.visualize import plot_history
+        from tasks.analysis.visualize import plot_history
     except ImportError:  # matplotlib missing: the curves are also in TensorBoard
         return
     plot_history(history, path)

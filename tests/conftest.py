@@ -20,7 +20,7 @@ def build_deploy_artifacts(tmp_path_factory) -> dict:
     made once per pytest session and shared by test_export, test_predict and test_quantize."""
     from helpers import TINY, compose_train, tiny_shapes_overrides
 
-    from tasks.export import export_checkpoint
+    from tasks.deploy.onnx_export import export_checkpoint
     from tasks.train import train
 
     root = tmp_path_factory.getbasetemp() / "deploy_artifacts"

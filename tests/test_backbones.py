@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from backbones import ImageClassifier, MobileNetV1, MobileNetV2
-from tasks.complexity import count_complexity, materialized_memory
+from tasks.analysis.complexity import count_complexity, materialized_memory
 
 # MobileNetV1 Table 6/7: (width, resolution) -> (MAdds M, params M)
 V1_ROWS = [

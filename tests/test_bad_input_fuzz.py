@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.check_data import DataReport, check_dataset
+from tasks.datasets.check import check_dataset
+from tasks.datasets.report import DataReport
+from tasks.datasets.shapes import SHAPE_CLASSES, write_shapes_coco, write_shapes_voc
 from tasks.detection.coco import CocoDetection
 from tasks.detection.transforms import build_detection_transforms
 from tasks.detection.voc import VOCDetection
 from tasks.segmentation.transforms import build_segmentation_transforms
 from tasks.segmentation.voc import VOCSegmentation
-from tasks.synthetic import SHAPE_CLASSES, write_shapes_coco, write_shapes_voc
 
 SIZE = 64
 CLEAR_ERRORS = (ValueError, FileNotFoundError)  # DataError, ConfigError and CheckpointError are ValueErrors

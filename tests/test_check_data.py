@@ -15,11 +15,12 @@ import pytest
 from helpers import ROOT
 from PIL import Image
 
-from tasks.check_data import DataReport, check_dataset
+from tasks.datasets.check import check_dataset
+from tasks.datasets.report import DataReport
+from tasks.datasets.shapes import SHAPE_CATEGORY_IDS, SHAPE_CLASSES, write_shapes_coco, write_shapes_voc
 from tasks.detection.coco import CocoDetection
 from tasks.detection.voc import VOCDetection
 from tasks.errors import ConfigError, DataError
-from tasks.synthetic import SHAPE_CATEGORY_IDS, SHAPE_CLASSES, write_shapes_coco, write_shapes_voc
 
 SIZE = 64
 SEG_CLASSES = ["background", *SHAPE_CLASSES]

@@ -1,4 +1,4 @@
-"""tasks.checkpoint against hostile and broken files: a pickled payload is refused without running, a
+"""tasks.training.checkpoint against hostile and broken files: a pickled payload is refused without running, a
 truncated or random file gets one sentence naming it, and a write that fails midway loses nothing."""
 import builtins
 import errno
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tasks.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def one_sentence_naming(message: str, path: Path) -> None:

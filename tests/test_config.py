@@ -8,10 +8,10 @@ from helpers import ROOT, compose_train
 from hydra.utils import instantiate
 
 from backbones import MobileNetV1, MobileNetV2
-from tasks.complexity import count_complexity
-from tasks.config_checks import check_train_config
+from tasks.analysis.complexity import count_complexity
 from tasks.errors import ConfigError
-from tasks.model import build_model
+from tasks.training.config_checks import check_train_config
+from tasks.training.model import build_model
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 

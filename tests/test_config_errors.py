@@ -6,12 +6,12 @@ import sys
 import pytest
 from helpers import ROOT, compose_train, tiny_shapes_overrides
 
-from tasks.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from tasks.cli import composition_error
-from tasks.config_checks import check_train_config
 from tasks.errors import ConfigError
-from tasks.model import build_model
 from tasks.train import train
+from tasks.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from tasks.training.config_checks import check_train_config
+from tasks.training.model import build_model
 
 
 def one_sentence(message: str) -> bool:

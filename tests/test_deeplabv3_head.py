@@ -13,7 +13,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from backbones import FeatureInfo, MobileNetV1, MobileNetV2
 from heads.deeplabv3 import DeepLabV3Head
-from tasks.complexity import count_complexity
+from tasks.analysis.complexity import count_complexity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

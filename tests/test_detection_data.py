@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.data import collate
 from tasks.detection import transforms as det_transforms
 from tasks.detection.coco import CocoDetection
 from tasks.detection.coco_eval import CocoEvaluator
 from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD, SSDRandomIoUCrop, build_detection_transforms
 from tasks.detection.voc import VOC_CLASSES, VOCDetection
 from tasks.detection.voc_eval import VOCEvaluator
+from tasks.training.loaders import collate
 
 
 def denormalise(img: torch.Tensor) -> np.ndarray:

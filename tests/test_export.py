@@ -12,11 +12,12 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from backbones.layers import ConvBNAct
+from tasks.deploy.fold_bn import fold_batchnorm, fold_conv_bn
+from tasks.deploy.onnx_export import export_checkpoint
+from tasks.deploy.onnx_runtime import OnnxModel, decode_segmentation
+from tasks.deploy.sidecar import read_sidecar
 from tasks.detection.coco import CocoDetection
-from tasks.export import export_checkpoint, read_sidecar
-from tasks.fold_bn import fold_batchnorm, fold_conv_bn
-from tasks.onnx_runtime import OnnxModel, decode_segmentation
-from tasks.trained import load_trained_model
+from tasks.training.trained import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +168,7 @@ def test_bad_inputs_fail_with_one_sentence(artifacts, tmp_path):
 def test_class_names_fall_back_to_the_config_when_the_dataset_is_gone(artifacts):
     from omegaconf import OmegaConf
 
-    from tasks.export import dataset_labels
+    from tasks.deploy.sidecar import dataset_labels
 
     for task, expected in (("segmentation", ["background", "circle", "square", "triangle"]),
                            ("detection", ["class_0", "class_1", "class_2"])):

@@ -1,4 +1,4 @@
-"""tasks.predict on folders and a video with both runtimes, and tasks.visualize's pictures and curves."""
+"""tasks.predict on folders and a video with both runtimes, and tasks.analysis.visualize's pictures and curves."""
 import json
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import torch
 from helpers import ROOT
 from PIL import Image
 
+from tasks.analysis.visualize import class_colour, draw_detections, draw_mask, plot_history
 from tasks.detection.coco import CocoDetection
 from tasks.detection.transforms import build_detection_transforms
 from tasks.errors import ConfigError
@@ -18,8 +19,7 @@ from tasks.predict import iter_inputs, predict
 from tasks.segmentation.palette import VOC_PALETTE
 from tasks.segmentation.transforms import build_segmentation_transforms, eval_valid_size
 from tasks.segmentation.voc import VOCSegmentation
-from tasks.trained import load_trained_model
-from tasks.visualize import class_colour, draw_detections, draw_mask, plot_history
+from tasks.training.trained import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,7 +202,7 @@ def test_draw_mask_blends_object_pixels_only():
 
 
 def test_plot_history_writes_a_png(artifacts, tmp_path):
-    from tasks.checkpoint import load_checkpoint
+    from tasks.training.checkpoint import load_checkpoint
 
     history = load_checkpoint(artifacts["segmentation"]["checkpoint"])["history"]
     history = history + [{**history[-1], "epoch": 2, "train/loss": history[-1]["train/loss"] / 2}]

@@ -11,11 +11,11 @@ from helpers import ROOT
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tasks.deploy.int8 import quantize_checkpoint
+from tasks.deploy.onnx_runtime import OnnxModel
+from tasks.deploy.sidecar import read_sidecar
 from tasks.evaluate import evaluate_checkpoint
-from tasks.export import read_sidecar
-from tasks.onnx_runtime import OnnxModel
-from tasks.quantize import quantize_checkpoint
-from tasks.trained import rebase_dataset_root
+from tasks.training.trained import rebase_dataset_root
 
 METRIC = {"detection": "AP", "segmentation": "mIoU"}
 

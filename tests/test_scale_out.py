@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import ROOT, tiny_shapes_overrides
 
-from tasks.checkpoint import CheckpointError, load_checkpoint
-from tasks.data import EpochSampler
 from tasks.evaluate import evaluate_checkpoint
+from tasks.training.checkpoint import CheckpointError, load_checkpoint
+from tasks.training.loaders import EpochSampler
 
 
 def _train_cmd(run_dir, *overrides):
@@ -51,7 +51,7 @@ def test_torchrun_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_pat
 
 
 def test_epoch_sampler_shards_without_overlap_and_resumes_mid_epoch(monkeypatch):
-    from tasks import distributed
+    from tasks.training import distributed
 
     shards = []
     for rank in (0, 1):

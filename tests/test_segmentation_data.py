@@ -10,11 +10,11 @@ from PIL import Image
 from scipy.io import savemat
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.data import collate
 from tasks.segmentation.coco_masks import CocoVOCSegmentation
 from tasks.segmentation.palette import VOC_CLASSES, VOC_PALETTE, colorize, overlay, save_label_png
 from tasks.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, build_segmentation_transforms
 from tasks.segmentation.voc import VOCSegmentation
+from tasks.training.loaders import collate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)

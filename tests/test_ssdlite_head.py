@@ -14,7 +14,7 @@ from torchvision.models.detection.ssdlite import _extra_block
 from backbones import FeatureInfo, MobileNetV1, MobileNetV2
 from heads.ssdlite import SSDLiteHead
 from heads.ssdlite.box_coder import cxcywh_to_xyxy
-from tasks.complexity import count_complexity
+from tasks.analysis.complexity import count_complexity
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "head" / "ssdlite.yaml"
 
@@ -169,7 +169,7 @@ def test_config_matches_constructor_and_builds():
     assert cfg._target_ == "heads.ssdlite.SSDLiteHead" and cfg._partial_ and cfg.task == "detection"
     defaults = {k: v.default for k, v in inspect.signature(SSDLiteHead).parameters.items()
                 if v.default is not inspect.Parameter.empty}
-    # `task` is read by the start-up checks and dropped by tasks.model.build_model before instantiating.
+    # `task` is read by the start-up checks and dropped by tasks.training.model.build_model before instantiating.
     knobs = {k: v for k, v in OmegaConf.to_container(cfg).items() if not k.startswith("_") and k != "task"}
     assert set(knobs) == set(defaults)
     for key, value in knobs.items():

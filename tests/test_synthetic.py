@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from tasks.synthetic import (
+from tasks.datasets.shapes import (
     META_FILE,
     SHAPE_CATEGORY_IDS,
     SHAPE_CLASSES,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import ROOT, compose_train, tiny_shapes_overrides
 
-from tasks.checkpoint import load_checkpoint
 from tasks.evaluate import evaluate_checkpoint
 from tasks.train import train
+from tasks.training.checkpoint import load_checkpoint
 
 TASKS = {
     "detection": ("demo_ssdlite_shapes", "shapes_det", "AP"),
@@ -32,7 +32,9 @@ def test_train_writes_checkpoints_and_evaluate_reproduces_the_metric(task, tmp_p
 
     again = evaluate_checkpoint(tmp_path / "run" / "best.ckpt", tmp_path / "eval", batch_size=3, num_workers=0,
                                 progress=False)
-    assert again[metric] == pytest.approx(metrics[metric], abs=1e-6)
+    # Another batch size picks other CPU conv kernels, so logits differ in the last bits; an untrained
+    # detector's near-tied scores then reorder a few detections (seen: 2.9e-6 of AP at AP=0.0011).
+    assert again[metric] == pytest.approx(metrics[metric], abs=1e-4)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())[metric] == pytest.approx(again[metric])
     if task == "detection":
         detections = json.loads((tmp_path / "eval" / "detections.json").read_text())

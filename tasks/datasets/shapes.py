@@ -6,7 +6,7 @@ come from the same rounded polygon, so images and labels agree to the sub-pixel.
 touch each other (masks at least ``_MIN_GAP`` px apart) and lie fully inside the image, so no
 annotation ever has to describe a partly hidden or truncated object.
 
-    python -m tasks.synthetic --root data/shapes_det --kind coco --num-train 1000 --num-val 100
+    python -m tasks.datasets.shapes --root data/shapes_det --kind coco --num-train 1000 --num-val 100
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `OnnxModel(path)(images)` gives the same outputs dict as `model(images)` (torch tensors, CPU), and
 `OnnxModel.predict(outputs, image_sizes)` the same results as the head's `predict`, so prediction and
-evaluation (tasks.engine.evaluate) take either runtime.
+evaluation (tasks.training.evaluation.evaluate) take either runtime.
 
 Post-processing of the raw SSDLite outputs (documented here because the graph stops before it):
 1. boxes = decode(bbox_regression, anchors): anchors are normalised (cx, cy, w, h); a code
@@ -26,7 +26,7 @@ import torch
 from heads.deeplabv3 import logits_to_label_maps
 from heads.ssdlite.box_coder import BoxCoder
 from heads.ssdlite.postprocess import postprocess
-from tasks.export import read_sidecar
+from tasks.deploy.sidecar import read_sidecar
 
 ArrayLike = torch.Tensor | np.ndarray
 

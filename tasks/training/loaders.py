@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tasks import distributed as dist
 from tasks.errors import DataError
+from tasks.training import distributed as dist
 
 log = logging.getLogger(__name__)
 

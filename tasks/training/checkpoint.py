@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message is one sentence naming the file."""
+from tasks.errors import CheckpointError  # noqa: F401  (re-exported: callers catch it from here)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

@@ -10,30 +10,26 @@ import contextlib
 import hashlib
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tasks import distributed as dist
-from tasks.checkpoint import load_checkpoint, save_checkpoint
-from tasks.data import set_loader_epoch
 from tasks.errors import DataError
-from tasks.segmentation.metrics import multiscale_flip_logits
+from tasks.training import distributed as dist
+from tasks.training.checkpoint import load_checkpoint, save_checkpoint
+from tasks.training.evaluation import AMP_DTYPES, evaluate, to_device, unwrap
+from tasks.training.loaders import set_loader_epoch
+from tasks.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step, the terms and the images."""
@@ -53,54 +49,6 @@ class EngineOptions:
     checkpoint_every_steps: int = 0      # also write last.ckpt inside an epoch (for exact resume)
     check_sync_every: int = 0            # DDP: compare the ranks' weights bit for bit every N steps
     max_bad_samples: int = 10            # unreadable files skipped (with a warning) before the run stops
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, AveragedModel)) else model
-
-
-def to_device(targets: Iterable[dict], device: torch.device) -> list[dict]:
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-            for t in targets]
-
-
-def prediction_sizes(targets: list[dict]) -> list[tuple[int, int]]:
-    """Where predictions are compared: a segmentation target's mask (the padded input), else the
-    original image (detection boxes are scored in original pixels)."""
-    return [tuple(t["mask"].shape[-2:]) if "mask" in t else tuple(int(v) for v in t["orig_size"])
-            for t in targets]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every generator's state in types torch.load(weights_only=True) accepts (no numpy objects)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_python_state(state["python"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _as_python_state(state):
-    # weights_only loading turns the tuple of python's random state into lists
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -325,41 +273,3 @@ class Engine:
         dist.broadcast_buffers(self.eval_model)
         return evaluate(self.eval_model, self.val_loader, evaluator, self.device, progress=self.options.progress,
                         amp=self.options.amp, channels_last=self.options.channels_last)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch.device,
-             progress: bool = True, amp: str | None = None, channels_last: bool = False,
-             multiscale_flip: Sequence[float] | None = None) -> dict[str, float]:
-    """Run the model over `loader` (each rank its share), feed the evaluator, merge the ranks'
-    states on rank 0, compute there, and give every rank the result.
-
-    `multiscale_flip`: segmentation only, the scales of the papers' "MF" inference (each scale and
-    its mirror image averaged as probabilities)."""
-    net = unwrap(model)
-    net.eval()
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
-    set_loader_epoch(loader, 0)
-    for images, targets in tqdm(loader, desc="evaluate", leave=False,
-                                disable=not (progress and dist.is_main()), dynamic_ncols=True):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            if multiscale_flip:
-                outputs = {"logits": multiscale_flip_logits(lambda x: net(x)["logits"], images, multiscale_flip)}
-            else:
-                outputs = net(images)
-        outputs = {k: v.float() if torch.is_tensor(v) else v for k, v in outputs.items()}
-        predictions = net.predict(outputs, prediction_sizes(targets))
-        predictions = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()} for p in predictions]
-        evaluator.update(targets, predictions)
-        skipped = [m for t in targets for m in t.get("skipped", ())]
-        if skipped:
-            log.warning("evaluation skipped %d unreadable files (left out of the metric): %s", len(skipped), skipped)
-    if dist.is_distributed():
-        states = dist.all_gather_objects(evaluator.state())
-        if dist.is_main():
-            evaluator.merge(states[1:])
-    metrics = evaluator.compute() if dist.is_main() else None
-    return dist.all_gather_objects(metrics)[0] if dist.is_distributed() else metrics

@@ -7,8 +7,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tasks.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from tasks.model import build_model
+from tasks.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from tasks.training.model import build_model
+
+# Where a callable lived when older checkpoints were written (their configs name it).
+MOVED_TARGETS = {"tasks.synthetic.ensure_shapes": "tasks.datasets.shapes.ensure_shapes"}
 
 
 def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None) -> tuple[nn.Module, DictConfig]:
@@ -18,7 +21,7 @@ def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None) 
     if not state.get("config"):
         raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
                               f"tasks.train.")
-    cfg = OmegaConf.create(state["config"])
+    cfg = OmegaConf.create(_with_moved_targets(state["config"]))
     if dataset_root is not None:
         cfg = rebase_dataset_root(cfg, dataset_root)
     model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
@@ -44,3 +47,11 @@ def rebase_dataset_root(cfg: DictConfig, root: str) -> DictConfig:
     cfg = cfg.copy()
     cfg.dataset = OmegaConf.create(move(dataset))
     return cfg
+
+
+def _with_moved_targets(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: MOVED_TARGETS.get(v, v) if k == "_target_" else _with_moved_targets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_moved_targets(v) for v in node]
+    return node

@@ -1,0 +1,1 @@
+"""Diagnostics: complexity counting (the papers' MAdds/params/memory) and pictures of results."""

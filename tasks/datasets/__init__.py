@@ -1,0 +1,1 @@
+"""Dataset-level tools shared by both tasks: the start-up check and its report, the built-in shapes sets."""

@@ -1,0 +1,1 @@
+"""Deployment: BN folding, ONNX export + sidecar, the ONNX Runtime runner, INT8 quantization."""

@@ -1,0 +1,1 @@
+"""The training machinery: engine (loop + checkpoint state), evaluation pass, loaders, optimizers, DDP, RNG."""
