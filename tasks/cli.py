@@ -16,6 +16,15 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 
 
+def launch_id() -> int:
+    """The process that launched this run (torchrun's agent for its ranks, so they share a run folder):
+    in the default run folder names beside the time, so runs started in the same second never collide."""
+    return os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+
+
+OmegaConf.register_new_resolver("launch_id", launch_id, replace=True)
+
+
 def _user_overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
 

@@ -20,18 +20,38 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message is one sentence naming the file."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what is kept and how to continue (exit code 130)."""
+
+
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+    """Turn the errors a user can fix into one line on stderr and exit code 2 (130 for Ctrl-C)."""
+    from omegaconf.errors import MissingMandatoryValue
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
+        except (*USER_ERRORS, MissingMandatoryValue, PermissionError, Interrupted, KeyboardInterrupt) as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            print(f"error: {user_sentence(err)}", file=sys.stderr)
+            sys.exit(130 if isinstance(err, (Interrupted, KeyboardInterrupt)) else 2)
     return wrapper
+
+
+def user_sentence(err: BaseException) -> str:
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", None) or str(err).split(":")[-1].split()[0]
+        return f"{key} is required but was not given; expected {key}=<value> on the command line."
+    if isinstance(err, PermissionError):
+        where = err.filename or "a file"
+        return f"cannot write {where} (permission denied); expected a folder you can write to."
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; nothing was left half-written."
+    return str(err)

@@ -8,11 +8,11 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tasks.cli import run
 from tasks.errors import ConfigError, user_errors_exit
+from tasks.resolve import instantiate_from_file
 from tasks.training import distributed as dist
 from tasks.training.evaluation import evaluate as run_evaluation
 from tasks.training.loaders import build_loader
@@ -21,14 +21,15 @@ from tasks.training.trained import load_trained_model
 
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
                         batch_size: int = 16, num_workers: int = 2, progress: bool = True,
-                        multiscale_flip: Sequence[float] | None = None) -> dict[str, float]:
-    model, cfg = load_trained_model(checkpoint, dataset_root)
+                        multiscale_flip: Sequence[float] | None = None,
+                        trusted_targets: Sequence[str] = ()) -> dict[str, float]:
+    model, cfg = load_trained_model(checkpoint, dataset_root, trusted_targets)
     if multiscale_flip and cfg.head.get("task") != "segmentation":
         raise ConfigError(f"multiscale_flip={list(multiscale_flip)} is the segmentation papers' MF inference; "
                           f"the checkpoint's head is {cfg.head.get('task')}, expected segmentation (or null).")
     device = dist.init_from_env()
     model.to(device)
-    val_set = instantiate(cfg.dataset.val)
+    val_set = instantiate_from_file(cfg.dataset.val, f"checkpoint {checkpoint}", trusted_targets)
     loader = build_loader(val_set, batch_size, False, num_workers, 0)
     evaluator = val_set.evaluator()
     metrics = run_evaluation(model, loader, evaluator, device, progress=progress, multiscale_flip=multiscale_flip)
@@ -48,7 +49,7 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     run_dir = HydraConfig.get().runtime.output_dir
     metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
-                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip)
+                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip, list(cfg.trusted_targets))
     if dist.is_main():
         print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")

@@ -1,4 +1,5 @@
-"""Export a trained checkpoint to ONNX: `python -m tasks.export checkpoint=... [opset=18] [dynamo=true]`.
+"""Export a trained checkpoint to ONNX: `python -m tasks.export checkpoint=... [opset=18] [dynamo=true]`,
+or to a small inference-only checkpoint: `format=weights` (tasks/deploy/weights_only.py).
 
 The graph and its parity check live in tasks/deploy/onnx_export.py, the sidecar in tasks/deploy/sidecar.py.
 """
@@ -20,13 +21,16 @@ from tasks.errors import ConfigError, user_errors_exit
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
-    if cfg.format != "onnx":
-        raise ConfigError(f"format={cfg.format} is not supported; expected onnx.")
+    if cfg.format not in ("onnx", "weights"):
+        raise ConfigError(f"format={cfg.format} is not supported; expected onnx or weights.")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.format == "weights":
+        export_weights_only(cfg)
+        return
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "model.onnx"
     path = export_checkpoint(cfg.checkpoint, output, cfg.opset, cfg.dynamo, cfg.upsample_logits, cfg.check,
-                             cfg.nms_in_graph)
+                             cfg.nms_in_graph, trusted=list(cfg.trusted_targets), overwrite=cfg.overwrite)
     meta = read_sidecar(path)
     parity = meta.get("parity", {}).get("max_abs_diff")
     print(f"wrote {path} and {sidecar_path(path)} ({meta['task']}, input {meta['input_size']}, "
@@ -34,6 +38,15 @@ def main(cfg: DictConfig) -> None:
           f"exporter, {meta['batchnorms_folded']} BatchNorms folded)")
     if parity:
         print("max |onnxruntime - pytorch|: " + ", ".join(f"{k}={v:.2e}" for k, v in parity.items()))
+
+
+def export_weights_only(cfg: DictConfig) -> None:
+    from tasks.deploy.weights_only import export_weights
+
+    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "model.ckpt"
+    path = export_weights(cfg.checkpoint, output, list(cfg.trusted_targets), cfg.overwrite)
+    print(f"wrote {path} ({path.stat().st_size} bytes; {Path(cfg.checkpoint).stat().st_size} bytes in "
+          f"{cfg.checkpoint}), an inference-only checkpoint every entry point accepts")
 
 
 def cli() -> None:

@@ -1,18 +1,24 @@
 """Run a trained model on images, folders or videos:
 `python -m tasks.predict checkpoint=... inputs=[img.jpg,folder/,clip.mp4] [runtime=onnxruntime] [onnx=model.onnx]`.
 
-Preprocessing is the checkpoint's own val transforms (instantiated from the training config it carries,
-or from the ONNX sidecar's copy of it). Per input image, or per `video_stride`-th video frame, it writes:
-- detection: `<name>.png` (boxes with class names and scores) and `<name>.json`, a list of COCO results
+Preprocessing is the checkpoint's own val transforms (instantiated, through tasks.resolve's allow-list,
+from the training config it carries, or from the ONNX sidecar's copy of it); class names and category ids
+come from the checkpoint's artifact (or the sidecar), never from the dataset. Per input image, or per
+`video_stride`-th video frame, named `<name>` (the file's stem; a name already taken in this run gets
+`_1`, `_2`, ... in input order), it writes:
+- `images/<name>.png`: boxes with class names and scores, or the colour mask overlay;
+- detection: `detections/<name>.json`, a list of COCO results
   {"image_id", "file_name", "category_id", "label", "category_name", "bbox" [x, y, w, h] pixels, "score"};
-  `category_id` goes back through the dataset's label_to_cat_id (COCO), else it is label + 1;
-  `results.json` holds every image's detections in one list;
-- segmentation: `<name>.png` (colour overlay) and `<name>_mask.png` (VOC palette PNG of class indices).
-`predictions.json` lists what was written for each input.
+  `category_id` goes back through the checkpoint's label_to_cat_id (COCO), else it is label + 1;
+- segmentation: `masks/<name>.png` (VOC palette PNG of class indices).
+Run-level files sit apart at the top: `results.json` (every detection in one list) and `predictions.json`
+(per input: its path, the name chosen and the files written; and the inputs skipped as unreadable).
+The output folder never holds an input, and a folder that already holds predictions.json is refused.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +34,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tasks.analysis.visualize import draw_detections, draw_mask
 from tasks.cli import run
 from tasks.deploy.onnx_export import export_model
-from tasks.deploy.sidecar import model_metadata, read_sidecar, write_json
-from tasks.detection.coco import load_rgb
+from tasks.deploy.sidecar import model_metadata, read_sidecar, sidecar_path, write_json
 from tasks.errors import ConfigError, user_errors_exit
-from tasks.resolve import instantiate_node
+from tasks.images import load_rgb
+from tasks.resolve import check_file_config, instantiate_from_file
 from tasks.segmentation.palette import save_label_png
 from tasks.segmentation.transforms import eval_valid_size
 from tasks.training.trained import load_trained_model
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 RUNTIMES = ("pytorch", "onnxruntime")
+PER_IMAGE_FOLDERS = ("images", "detections", "masks")
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -49,6 +56,7 @@ class Frame:
     name: str          # stem of the files written for it, unique within a run
     source: str        # the image file name, or "<video name>#frame=<index>"
     image: np.ndarray  # uint8 [H, W, 3] RGB
+    path: str = ""     # the input file as given
 
 
 def read_video(path: Path, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
@@ -69,7 +77,7 @@ def read_video(path: Path, stride: int = 1, max_frames: int | None = None) -> It
                     break
                 kept += 1
                 yield Frame(f"{path.stem}_frame{index:06d}", f"{path.name}#frame={index}",
-                            cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                            cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), str(path))
             index += 1
     finally:
         capture.release()
@@ -85,16 +93,23 @@ def _files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_inputs(inputs: Sequence[str | Path], video_stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
-    """Images, folders (their images and videos, not recursive) and videos, in the order given."""
+def iter_inputs(inputs: Sequence[str | Path], video_stride: int = 1, max_frames: int | None = None,
+                skipped: list[dict[str, str]] | None = None) -> Iterator[Frame]:
+    """Images, folders (their images and videos, not recursive) and videos, in the order given. An image
+    that cannot be decoded is skipped with a warning (and appended to `skipped`)."""
     if video_stride < 1:
         raise ConfigError(f"video_stride={video_stride} must be a positive integer.")
-    used: dict[str, int] = {}
+    used: set[str] = set()
 
     def unique(name: str) -> str:
-        count = used.get(name, 0)
-        used[name] = count + 1
-        return name if count == 0 else f"{name}_{count}"
+        """The name, or name_1, name_2, ...: the first not yet used in this run (case-insensitively, for
+        file systems that fold case), so names never collide and the same inputs always get the same ones."""
+        candidate, n = name, 0
+        while candidate.casefold() in used:
+            n += 1
+            candidate = f"{name}_{n}"
+        used.add(candidate.casefold())
+        return candidate
 
     for item in inputs:
         path = Path(item)
@@ -109,9 +124,12 @@ def iter_inputs(inputs: Sequence[str | Path], video_stride: int = 1, max_frames:
             elif suffix in IMAGE_SUFFIXES:
                 try:
                     image = load_rgb(file)
-                except OSError as err:
-                    raise ValueError(f"image {file} cannot be decoded ({err}).") from None
-                yield Frame(unique(file.stem), file.name, image)
+                except (OSError, ValueError) as err:
+                    log.warning("skipping %s: %s", file, err)
+                    if skipped is not None:
+                        skipped.append({"path": str(file), "reason": str(err)})
+                    continue
+                yield Frame(unique(file.stem), file.name, image, str(file))
             else:
                 raise ValueError(f"input {file} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) "
                                  f"nor a video ({', '.join(sorted(VIDEO_SUFFIXES))}).")
@@ -146,10 +164,11 @@ def val_transforms_config(meta: dict[str, Any]) -> dict[str, Any]:
 class Preprocessor:
     """RGB uint8 image -> (normalised [3, H, W] input, (h, w) of the input region the image fills)."""
 
-    def __init__(self, task: str, transforms_cfg: dict[str, Any], input_size: Sequence[int]):
+    def __init__(self, task: str, transforms_cfg: dict[str, Any], input_size: Sequence[int],
+                 source: str = "the model's config", trusted: Sequence[str] = ()):
         self.task = task
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.transform = instantiate_node(transforms_cfg)
+        self.transform = instantiate_from_file(transforms_cfg, source, trusted)
 
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = image.shape[:2]
@@ -166,7 +185,8 @@ class Preprocessor:
 
 
 def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir: Path,
-                 threads: int | None = None, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+                 threads: int | None = None, device: str = "cpu",
+                 trusted: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
     """(model with the PyTorch model's surface, its sidecar-style description)."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime={runtime} is not allowed; expected one of {', '.join(RUNTIMES)}.")
@@ -175,21 +195,25 @@ def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir
             raise ConfigError("runtime=pytorch needs checkpoint=<path to a tasks.train checkpoint>.")
         if onnx:
             log.warning("runtime=pytorch runs %s; onnx=%s is not used (set runtime=onnxruntime)", checkpoint, onnx)
-        model, cfg = load_trained_model(checkpoint)
-        meta = model_metadata(cfg) | {"train_config": OmegaConf.to_container(cfg, resolve=True)}
+        model, cfg = load_trained_model(checkpoint, trusted=trusted)
+        meta = model_metadata(cfg) | {"train_config": OmegaConf.to_container(cfg, resolve=True),
+                                      "config_source": f"checkpoint {checkpoint}"}
         return model.to(device), meta
     from tasks.deploy.onnx_runtime import OnnxModel
 
     if not onnx:
         if not checkpoint:
             raise ConfigError("runtime=onnxruntime needs onnx=<model.onnx> or checkpoint=<path> to export.")
-        model, cfg = load_trained_model(checkpoint)
+        model, cfg = load_trained_model(checkpoint, trusted=trusted)
         onnx = str(export_model(model, cfg, out_dir / "model.onnx", source=str(checkpoint)))
         log.info("exported %s to %s", checkpoint, onnx)
     elif checkpoint:
         log.info("runtime=onnxruntime runs %s; checkpoint=%s is not used", onnx, checkpoint)
-    model = OnnxModel(onnx, threads=threads)
-    return model, read_sidecar(onnx)
+    meta = read_sidecar(onnx) | {"config_source": f"ONNX sidecar {sidecar_path(onnx)}"}
+    if meta.get("train_config"):  # checked before anything else: the sidecar is someone else's file
+        check_file_config(meta["train_config"].get("dataset") or {}, meta["config_source"], trusted, "dataset")
+    model = OnnxModel(onnx, threads=threads, metadata=meta)
+    return model, meta
 
 
 def decode(model: Any, outputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]], task: str,
@@ -202,6 +226,29 @@ def decode(model: Any, outputs: dict[str, torch.Tensor], image_sizes: list[tuple
 
 
 # -- outputs -------------------------------------------------------------------------------------
+def check_output_dir(out_dir: Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse a folder (or its per-image subfolders) that holds an input, or that holds an earlier run's
+    predictions; then create it."""
+    written = {(out_dir / sub).resolve() for sub in ("", *PER_IMAGE_FOLDERS)}
+    for item in inputs:
+        path = Path(item)
+        folder = path if path.is_dir() else path.parent
+        if folder.resolve() in written:
+            raise ConfigError(f"output_dir={out_dir} would write beside the input {path}; expected an output "
+                              f"folder apart from the inputs (leave output_dir unset for a fresh run folder).")
+    if (out_dir / "predictions.json").exists():
+        raise ConfigError(f"output_dir={out_dir} already holds the predictions.json of an earlier run; choose "
+                          f"another output_dir (or leave it unset for a fresh run folder).")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir={out_dir} cannot be written ({err.strerror or type(err).__name__}); "
+                          f"expected a folder you can write to.") from None
+
+
 def coco_results(frame: Frame, result: dict[str, torch.Tensor], class_names: Sequence[str],
                  label_to_cat_id: Sequence[int] | None) -> list[dict[str, Any]]:
     # COCO file names are the image id (000000000139.jpg -> 139); anything else keeps its name.
@@ -224,20 +271,24 @@ def coco_results(frame: Frame, result: dict[str, torch.Tensor], class_names: Seq
 def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str | Path, runtime: str = "pytorch",
             onnx: str | None = None, batch_size: int = 8, video_stride: int = 10, max_frames: int | None = None,
             draw_score_threshold: float = 0.3, mask_alpha: float = 0.5, threads: int | None = None,
-            device: str = "cpu") -> dict[str, Any]:
+            device: str = "cpu", trusted_targets: Sequence[str] = ()) -> dict[str, Any]:
     """Writes the pictures and JSONs described in the module docstring; returns predictions.json's content."""
     if not inputs:
         raise ConfigError("inputs is empty; expected inputs=[image.jpg, folder/, video.mp4].")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer.")
+    if str(device).startswith("cuda") and runtime == "pytorch" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but PyTorch sees no CUDA GPU here; use device=cpu.")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = load_runtime(checkpoint, onnx, runtime, out_dir, threads, device)
+    check_output_dir(out_dir, inputs)
+    model, meta = load_runtime(checkpoint, onnx, runtime, out_dir, threads, device, trusted_targets)
     task, class_names, cat_ids = meta["task"], list(meta["class_names"]), meta.get("label_to_cat_id")
-    preprocess = Preprocessor(task, val_transforms_config(meta), meta["input_size"])
+    preprocess = Preprocessor(task, val_transforms_config(meta), meta["input_size"],
+                              meta.get("config_source", "the model's config"), trusted_targets)
     written: list[dict[str, Any]] = []
     all_results: list[dict[str, Any]] = []
-    for batch in batches(iter_inputs(inputs, video_stride, max_frames), batch_size):
+    skipped: list[dict[str, str]] = []
+    for batch in batches(iter_inputs(inputs, video_stride, max_frames, skipped), batch_size):
         tensors, valid = zip(*(preprocess(f.image) for f in batch))
         images = torch.stack(tensors)
         with torch.no_grad():
@@ -246,26 +297,30 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
                              list(valid))
         for frame, result in zip(batch, results):
             result = {k: v.detach().cpu() for k, v in result.items()}
-            entry: dict[str, Any] = {"source": frame.source, "image": f"{frame.name}.png"}
+            entry: dict[str, Any] = {"source": frame.source, "path": frame.path, "name": frame.name,
+                                     "image": f"images/{frame.name}.png"}
             if task == "detection":
                 picture = draw_detections(frame.image, result["boxes"], result["scores"], result["labels"],
                                           class_names, draw_score_threshold)
                 detections = coco_results(frame, result, class_names, cat_ids)
-                write_json(detections, out_dir / f"{frame.name}.json")
+                write_json(detections, out_dir / "detections" / f"{frame.name}.json")
                 all_results += detections
-                entry |= {"json": f"{frame.name}.json", "detections": len(detections)}
+                entry |= {"json": f"detections/{frame.name}.json", "detections": len(detections)}
             else:
                 picture = draw_mask(frame.image, result["mask"], mask_alpha, class_names)
-                save_label_png(result["mask"], out_dir / f"{frame.name}_mask.png")
+                (out_dir / "masks").mkdir(exist_ok=True)
+                save_label_png(result["mask"], out_dir / "masks" / f"{frame.name}.png")
                 counts = np.bincount(result["mask"].numpy().reshape(-1), minlength=len(class_names))
                 pixels = {class_names[k]: int(c) for k, c in enumerate(counts[:len(class_names)]) if c}
-                entry |= {"mask": f"{frame.name}_mask.png", "pixels": pixels}
-            picture.save(out_dir / f"{frame.name}.png")
+                entry |= {"mask": f"masks/{frame.name}.png", "pixels": pixels}
+            (out_dir / "images").mkdir(exist_ok=True)
+            picture.save(out_dir / "images" / f"{frame.name}.png")
             written.append(entry)
     if task == "detection":
         write_json(all_results, out_dir / "results.json")
     source = str(checkpoint) if runtime == "pytorch" else str(model.path)
-    summary = {"task": task, "runtime": runtime, "model": source, "class_names": class_names, "outputs": written}
+    summary = {"task": task, "runtime": runtime, "model": source, "class_names": class_names, "outputs": written,
+               "skipped": skipped}
     write_json(summary, out_dir / "predictions.json")
     return summary
 
@@ -278,8 +333,10 @@ def main(cfg: DictConfig) -> None:
     inputs = list(cfg.inputs) if isinstance(cfg.inputs, (ListConfig, list, tuple)) else [cfg.inputs]
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
     summary = predict(cfg.checkpoint, inputs, out_dir, cfg.runtime, cfg.onnx, cfg.batch_size, cfg.video_stride,
-                      cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads, cfg.device)
-    print(f"{len(summary['outputs'])} images predicted ({summary['task']}, {summary['runtime']}); "
+                      cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads, cfg.device,
+                      list(cfg.trusted_targets))
+    skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
+    print(f"{len(summary['outputs'])} images predicted ({summary['task']}, {summary['runtime']}){skipped}; "
           f"results in {out_dir}")
 
 

@@ -28,7 +28,8 @@ def main(cfg: DictConfig) -> None:
     report = quantize_checkpoint(cfg.checkpoint, out_dir, cfg.calibration_images, cfg.calibrate_method,
                                  cfg.per_channel, cfg.latency_runs, cfg.warmup_runs, cfg.max_metric_drop,
                                  cfg.max_eval_images, cfg.eval_batch_size, cfg.agreement_images, cfg.dataset.root,
-                                 cfg.threads, cfg.seed, cfg.opset, cfg.progress, cfg.onnx)
+                                 cfg.threads, cfg.seed, cfg.opset, cfg.progress, cfg.onnx,
+                                 list(cfg.trusted_targets))
     print(format_table(report))
     agreement = ", ".join(f"{k}={v:.4f}" for k, v in report["agreement"].items())
     print(f"int8 vs fp32 outputs: {agreement}")

@@ -1,6 +1,7 @@
 """Train a model: `python -m tasks.train [experiment=...] [overrides]`. Thin: the engine does the work."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tasks.cli import run
 from tasks.datasets.check import check_dataset
-from tasks.errors import ConfigError, user_errors_exit
+from tasks.errors import ConfigError, Interrupted, user_errors_exit
 from tasks.training import distributed as dist
+from tasks.training.artifact import artifact_of_dataset
 from tasks.training.checkpoint import load_checkpoint, load_model_weights
 from tasks.training.config_checks import check_train_config
 from tasks.training.engine import Engine, EngineOptions
@@ -21,6 +23,7 @@ from tasks.training.loaders import build_loader
 from tasks.training.model import build_model
 from tasks.training.optim import build_optimizer, build_scheduler
 from tasks.training.rng import seed_everything
+from tasks.training.run_guard import check_resumable, interrupted_sentence, refuse_existing_checkpoints, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     check_train_config(cfg)
     device = dist.init_from_env()
     run_dir = dist.all_gather_objects(str(run_dir))[0]  # every rank writes (if at all) where rank 0 does
+    refuse_existing_checkpoints(run_dir, cfg.resume)
+    with run_lock(run_dir) if dist.is_main() else contextlib.nullcontext():
+        return _train_in(cfg, run_dir, device)
+
+
+def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, float]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
@@ -80,14 +89,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,
                                   max_bad_samples=cfg.max_bad_samples),
-                    device, config=OmegaConf.to_container(cfg, resolve=True))
+                    device, config=OmegaConf.to_container(cfg, resolve=True),
+                    artifact=artifact_of_dataset(cfg, train_set))
     if cfg.resume:
         path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
         if path.exists() or cfg.resume is not True:
+            check_resumable(load_checkpoint(path), cfg, path)
             engine.resume(path)
         else:
             log.info("resume=true but %s has no last.ckpt yet: starting from scratch", run_dir)
-    metrics = engine.fit()
+    try:
+        metrics = engine.fit()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_sentence(engine.step, run_dir)) from None
     if dist.is_main():
         if engine.sync_checks:
             log.info("weights identical on all %d ranks at each of %d checks", dist.world_size(), engine.sync_checks)

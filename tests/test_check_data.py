@@ -1,5 +1,6 @@
 """tasks.check_data: one kind of bad input per test, each built from a small broken copy of the shapes data,
 and each message must name the culprit; good data (shapes and the real samples) passes."""
+import io
 import json
 import os
 import re
@@ -148,12 +149,29 @@ def test_real_samples_pass(shared_data):
 # ----------------------------------------------------------------------------------- COCO json
 
 
-def test_truncated_jpeg_is_caught_when_decoding(coco):
+def test_truncated_jpeg_is_caught_when_decoding_and_by_the_default_check(coco, monkeypatch):
     image = coco / "train2017" / "000000000003.jpg"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
-    assert check_dataset(coco_cfg(coco)).ok  # the default check only lists the folder
     message = only_fatal(check_dataset(coco_cfg(coco), decode_images=True), "unreadable image")
     assert message.startswith(f"{image}: cannot be decoded (") and "truncated" in message
+    # The default check finds it without decoding: by the missing end-of-image marker in the last bytes.
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("the default check decoded pixels"))
+    message = only_fatal(check_dataset(coco_cfg(coco)), "unreadable image")
+    assert message == (f"{image}: cannot be decoded (it ends without JPEG's end-of-image marker FF D9, so it is "
+                       f"truncated); expected a readable image.")
+
+
+@pytest.mark.parametrize("file_name", ["../outside.jpg", "/etc/passwd", "sub/../../x.jpg"])
+def test_a_coco_file_name_that_leaves_the_image_folder_is_refused(coco, file_name):
+    ann_file = coco / "annotations" / "instances_train2017.json"
+    data = json.loads(ann_file.read_text())
+    data["images"][0]["file_name"] = file_name
+    ann_file.write_text(json.dumps(data))
+    message = only_fatal(check_dataset(coco_cfg(coco)), "unsafe file name")
+    assert message == (f"{ann_file}: image {file_name!r} has file_name {file_name!r}, which leaves the image "
+                       f"folder; expected a path inside {coco / 'train2017'}.")
 
 
 def test_image_whose_file_is_missing(coco):
@@ -248,8 +266,10 @@ def test_a_20k_box_json_is_checked_column_by_column(tmp_path):
     rng = np.random.default_rng(0)
     n_img, n_ann = 2000, 20000
     (tmp_path / "img").mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 90, 90)).save(buffer, "JPEG")  # the default check reads headers and ends
     for i in range(n_img):
-        (tmp_path / "img" / f"{i}.jpg").touch()
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(buffer.getvalue())
     images = [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(n_img)]
     xy = rng.uniform(0, 300, (n_ann, 2)).round(2)
     wh = rng.uniform(1, 150, (n_ann, 2)).round(2)

@@ -163,17 +163,3 @@ def test_bad_inputs_fail_with_one_sentence(artifacts, tmp_path):
         OnnxModel(lone)
     with pytest.raises(ValueError, match="nms_in_graph"):
         export_checkpoint(artifacts["segmentation"]["checkpoint"], tmp_path / "x.onnx", nms_in_graph=True)
-
-
-def test_class_names_fall_back_to_the_config_when_the_dataset_is_gone(artifacts):
-    from omegaconf import OmegaConf
-
-    from tasks.deploy.sidecar import dataset_labels
-
-    for task, expected in (("segmentation", ["background", "circle", "square", "triangle"]),
-                           ("detection", ["class_0", "class_1", "class_2"])):
-        cfg = OmegaConf.create(read_sidecar(artifacts[task]["onnx"])["train_config"])
-        for key in ("root", "image_dir", "ann_file"):
-            if key in cfg.dataset.val:
-                cfg.dataset.val[key] = "/nonexistent/data"
-        assert dataset_labels(cfg) == (expected, None)

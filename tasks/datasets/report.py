@@ -145,12 +145,32 @@ def exists(folder: Path, listing: set[str] | None, name: str) -> bool:
     return listing is not None and name in listing
 
 
+JPEG_TAIL_BYTES = 1024  # padding some writers append after the end-of-image marker fits in this
+
+
+def jpeg_end_missing(path: Path) -> str | None:
+    """Cheap truncation test without decoding: a complete JPEG ends with its end-of-image marker FF D9
+    (it cannot occur inside the entropy-coded data, where FF is always followed by 00 or a restart marker)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - JPEG_TAIL_BYTES))
+        tail = f.read()
+    if b"\xff\xd9" not in tail:
+        return "it ends without JPEG's end-of-image marker FF D9, so it is truncated"
+    return None
+
+
 def open_image(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) from the header, or from the decoded pixels when `decode`; else the reason."""
+    """(width, height) from the header, or from the decoded pixels when `decode`; else the reason. Without
+    `decode`, a JPEG is still checked for truncation by its last bytes."""
     try:
         with Image.open(path) as im:
             if decode:
                 im.load()
+            elif im.format == "JPEG":
+                reason = jpeg_end_missing(path)
+                if reason is not None:
+                    return None, reason
             return im.size, None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return None, describe_error(err)

@@ -12,6 +12,7 @@ annotation ever has to describe a partly hidden or truncated object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import inspect
 import json
@@ -452,39 +453,76 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _same(marker: dict | None, meta: dict) -> bool:
+    """The marker records this kind, these parameters and this format (its file list aside)."""
+    return marker is not None and {k: v for k, v in marker.items() if k != "files"} == meta
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != META_FILE)
+
+
+def _replace_listed(root: Path, new: Path, marker: dict) -> None:
+    """Swap our old files in `root` for the ones in `new`: only files the old marker lists are removed (and
+    folders they leave empty); anything else in root (the user's own files) stays."""
+    listed = marker.get("files")
+    if not isinstance(listed, list):
+        raise ValueError(f"{root} holds a shapes dataset written before {META_FILE} listed its files, so its "
+                         f"files cannot be told from yours; refusing to replace it (remove it yourself or "
+                         f"choose another root).")
+    (root / META_FILE).unlink()  # first: a root without a marker is never mistaken for a complete dataset
+    folders = set()
+    for name in listed:
+        path = (root / name)
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            continue  # a marker naming files outside root is not ours to follow
+        path.unlink(missing_ok=True)
+        folders.update(path.parents)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        if folder != root and root in folder.parents:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+    for name in _files_under(new):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new / name, root / name)
+
+
 def ensure_shapes(root: str | Path, kind: str, **params) -> Path:
     """Make sure root holds the shapes dataset of this kind and these parameters; returns root.
 
     Does nothing when root's marker already records the same kind, parameters and format version.
-    Otherwise writes the whole dataset into a sibling temp folder, writes the marker last, and swaps
-    it in by renames, so a folder with a marker is always complete. A non-empty root without a
-    marker is not ours and is never deleted.
+    Otherwise writes the whole dataset into a sibling temp folder and moves it in, writing the marker
+    (which lists every file written) last, so a folder with a marker is always complete. Replacing an
+    earlier shapes dataset removes only the files its marker lists; a non-empty root without a marker
+    is not ours and is never touched.
     """
     root = Path(root).absolute()
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "params": _full_params(kind, params)}
-    if _read_meta(root) == meta:
+    if _same(_read_meta(root), meta):
         return root
     with _locked(root):
-        if _read_meta(root) == meta:  # another process wrote it while we waited
+        marker = _read_meta(root)
+        if _same(marker, meta):  # another process wrote it while we waited
             return root
-        if root.exists() and _read_meta(root) is None and (not root.is_dir() or any(root.iterdir())):
+        if root.exists() and marker is None and (not root.is_dir() or any(root.iterdir())):
             raise ValueError(
                 f"{root} exists and has no {META_FILE}, so it is not a shapes dataset; "
                 "refusing to overwrite it (choose another root or remove it)."
             )
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a killed writer
+        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a killed writer (ours by name)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             _WRITERS[kind](tmp, **meta["params"])
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            old = None
-            if root.exists():
-                old = root.parent / f".{root.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-                os.replace(root, old)
-            os.replace(tmp, root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            text = json.dumps(meta | {"files": _files_under(tmp)}, indent=2, sort_keys=True) + "\n"
+            if marker is not None:
+                _replace_listed(root, tmp, marker)
+                (root / META_FILE).write_text(text)
+            else:
+                (tmp / META_FILE).write_text(text)
+                if root.exists():
+                    root.rmdir()  # empty (checked above)
+                os.replace(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -13,6 +13,7 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from tasks.deploy.onnx_export import export_model
 from tasks.deploy.onnx_runtime import OnnxModel
 from tasks.deploy.sidecar import read_sidecar, sidecar_path, write_json
 from tasks.errors import ConfigError
-from tasks.resolve import instantiate_node
+from tasks.resolve import check_file_config, instantiate_from_file
 from tasks.training.evaluation import evaluate
 from tasks.training.loaders import build_loader
 from tasks.training.trained import load_trained_model, rebase_dataset_root
@@ -40,11 +41,23 @@ class QuantizationAccuracyError(ValueError):
 
 
 # -- data ----------------------------------------------------------------------------------------
-def split_with_val_transforms(cfg: DictConfig, split: str) -> Dataset:
+def split_with_val_transforms(cfg: DictConfig, split: str, source: str = "the model's config",
+                              trusted: Sequence[str] = ()) -> Dataset:
     """The `split` dataset of the config with the val transforms (deterministic, model-sized inputs)."""
     node = OmegaConf.to_container(cfg.dataset[split], resolve=True)
     node["transforms"] = OmegaConf.to_container(cfg.dataset.val.transforms, resolve=True)
-    return instantiate_node(node)
+    return instantiate_from_file(node, source, trusted)
+
+
+def calibration_config(cfg: DictConfig, out_dir: Path, dataset_root: str | None) -> DictConfig:
+    """Where the calibration and evaluation data are read: `dataset_root` when given; a dataset the config
+    can write itself (the built-in shapes) is written under the run directory, never into the current
+    folder; any other stays where the checkpoint says."""
+    if dataset_root is not None:
+        return rebase_dataset_root(cfg, dataset_root)
+    if cfg.dataset.get("prepare") is not None:
+        return rebase_dataset_root(cfg, str((out_dir / "calibration_data").absolute()))
+    return cfg
 
 
 class ImageCalibrationReader:
@@ -176,7 +189,7 @@ def quantize_checkpoint(checkpoint: str | Path | None, out_dir: str | Path, cali
                         warmup_runs: int = 5, max_metric_drop: float = 0.01, max_eval_images: int | None = None,
                         eval_batch_size: int = 8, agreement_images: int = 8, dataset_root: str | None = None,
                         threads: int | None = None, seed: int = 0, opset: int = 18, progress: bool = False,
-                        onnx: str | Path | None = None) -> dict[str, Any]:
+                        onnx: str | Path | None = None, trusted_targets: Sequence[str] = ()) -> dict[str, Any]:
     """Export (or take the fp32 `onnx` already exported), quantize, measure; returns the comparison and
     writes it to quantize.json."""
     if calibration_images < 1:
@@ -191,18 +204,21 @@ def quantize_checkpoint(checkpoint: str | Path | None, out_dir: str | Path, cali
         if not meta.get("train_config"):
             raise ValueError(f"{sidecar_path(fp32_path)} carries no train_config; expected a sidecar written "
                              f"by tasks.export (it names the dataset to calibrate and evaluate on).")
-        cfg = OmegaConf.create(meta["train_config"])
-        cfg = rebase_dataset_root(cfg, dataset_root) if dataset_root is not None else cfg
+        source = f"ONNX sidecar {sidecar_path(fp32_path)}"
+        check_file_config(meta["train_config"].get("dataset") or {}, source, trusted_targets, "dataset")
+        cfg = calibration_config(OmegaConf.create(meta["train_config"]), out_dir, dataset_root)
     elif checkpoint is not None:
-        model, cfg = load_trained_model(checkpoint)
-        cfg = rebase_dataset_root(cfg, dataset_root) if dataset_root is not None else cfg
-        fp32_path = export_model(model, cfg, out_dir / "model.onnx", opset=opset, source=str(checkpoint))
-        meta = read_sidecar(fp32_path)
+        source = f"checkpoint {checkpoint}"
+        model, cfg = load_trained_model(checkpoint, trusted=trusted_targets)
+        cfg = calibration_config(cfg, out_dir, dataset_root)
     else:
         raise ConfigError("tasks.quantize needs checkpoint=<tasks.train checkpoint> or onnx=<exported model.onnx>.")
     if cfg.dataset.get("prepare") is not None:
-        instantiate_node(cfg.dataset.prepare)
-    train_set = split_with_val_transforms(cfg, "train")
+        instantiate_from_file(cfg.dataset.prepare, source, trusted_targets)
+    if onnx is None:  # class names and category ids come from the checkpoint's artifact
+        fp32_path = export_model(model, cfg, out_dir / "model.onnx", opset=opset, source=str(checkpoint))
+        meta = read_sidecar(fp32_path)
+    train_set = split_with_val_transforms(cfg, "train", source, trusted_targets)
     count = min(calibration_images, len(train_set))
     if count < calibration_images:
         log.warning("calibration_images=%d but the training split has %d images; using all of them",
@@ -216,7 +232,7 @@ def quantize_checkpoint(checkpoint: str | Path | None, out_dir: str | Path, cali
     write_json(int8_meta, sidecar_path(int8_path))
 
     fp32, int8 = OnnxModel(fp32_path, threads=threads), OnnxModel(int8_path, threads=threads)
-    val_set = instantiate_node(cfg.dataset.val)
+    val_set = instantiate_from_file(cfg.dataset.val, source, trusted_targets)
     if max_eval_images is not None and max_eval_images < len(val_set):
         val_set = Subset(val_set, range(max_eval_images))
     loader = build_loader(val_set, eval_batch_size, False, 0, seed)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tasks.deploy.fold_bn import fold_batchnorm
-from tasks.deploy.sidecar import INPUT_NAME, model_metadata, sidecar_path, write_json
+from tasks.deploy.sidecar import INPUT_NAME, model_metadata, refuse_to_overwrite, sidecar_path, write_json
 from tasks.errors import ConfigError
 from tasks.training.trained import load_trained_model
 
@@ -107,7 +107,7 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
     with torch.no_grad():
         shapes = {n: list(t.shape) for n, t in zip(names, wrapper(example))}
     batched = {n for n in names if _batched(n, reference[n], example.shape[0])}
-    tmp = path.with_name(f".{path.name}.tmp")  # path itself appears only once the export passed its check
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # path itself appears only once the export passed its check
     try:
         try:
             with quiet_exporter():
@@ -174,7 +174,8 @@ def check_parity(path: Path, wrapper: nn.Module, names: Sequence[str], example: 
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, dynamo: bool = True,
-                      upsample_logits: bool = False, check: bool = True, nms_in_graph: bool = False) -> Path:
+                      upsample_logits: bool = False, check: bool = True, nms_in_graph: bool = False,
+                      trusted: Sequence[str] = (), overwrite: bool = False) -> Path:
     """`checkpoint` -> `output` (.onnx) + its sidecar; returns the .onnx path."""
     if nms_in_graph:
         raise ConfigError("nms_in_graph=true is not supported yet; the graph returns raw outputs and "
@@ -182,6 +183,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, opset: int = D
     output = Path(output)
     if output.suffix != ".onnx":
         raise ConfigError(f"output={output} must end in .onnx.")
-    model, cfg = load_trained_model(checkpoint)
+    refuse_to_overwrite([output, sidecar_path(output)], overwrite)
+    model, cfg = load_trained_model(checkpoint, trusted=trusted)
     return export_model(model, cfg, output, opset, dynamo, upsample_logits, check, source=str(checkpoint))
 

@@ -162,6 +162,11 @@ def check_coco(name: str, image_dir: Path, ann_file: Path, decode: bool, probs: 
     size_ok = w_ok & h_ok & ~bad_size
     summary.images = len(images)
 
+    escapes = np.fromiter((ok and (Path(f).is_absolute() or ".." in Path(f).parts) for f, ok in zip(files, file_ok)),
+                          bool, len(files))
+    probs.first("unsafe file name", escapes, lambda i: (ann_file, f"{ann_file}: {image_name(i)} has file_name "
+                f"{files[i]!r}, which leaves the image folder; expected a path inside {image_dir}."))
+    file_ok = file_ok & ~escapes
     listing = listdir(image_dir)
     if listing is None:
         probs.add("missing image", image_dir, f"{image_dir}: image folder does not exist; expected the folder "
@@ -172,17 +177,17 @@ def check_coco(name: str, image_dir: Path, ann_file: Path, decode: bool, probs: 
         probs.first("missing image", file_ok & ~present, lambda i: (
             image_dir / files[i], f"{image_dir / files[i]}: image file listed in {ann_file.name} does not exist; "
             f"expected it in {image_dir}."))
-        if decode:
-            todo = np.flatnonzero(file_ok & present)
-            results = pool_map(lambda i: open_image(image_dir / files[i], True), todo.tolist())
-            for i, (size, reason) in zip(todo.tolist(), results):
-                path = image_dir / files[i]
-                if reason is not None:
-                    probs.add("unreadable image", path, f"{path}: cannot be decoded ({reason}); expected a "
-                              f"readable image.")
-                elif size_ok[i] and size != (widths[i], heights[i]):
-                    probs.add("image size mismatch", path, f"{path}: is {size[0]}x{size[1]} but {ann_file.name} "
-                              f"says {widths[i]:g}x{heights[i]:g}; expected the size the json records.")
+        # headers (and JPEG ends, for truncation) always; the pixels only with decode
+        todo = np.flatnonzero(file_ok & present)
+        results = pool_map(lambda i: open_image(image_dir / files[i], decode), todo.tolist())
+        for i, (size, reason) in zip(todo.tolist(), results):
+            path = image_dir / files[i]
+            if reason is not None:
+                probs.add("unreadable image", path, f"{path}: cannot be decoded ({reason}); expected a "
+                          f"readable image.")
+            elif size_ok[i] and size != (widths[i], heights[i]):
+                probs.add("image size mismatch", path, f"{path}: is {size[0]}x{size[1]} but {ann_file.name} "
+                          f"says {widths[i]:g}x{heights[i]:g}; expected the size the json records.")
 
     # annotations
     def ann_name(i: int) -> str:

@@ -84,8 +84,8 @@ def check_voc_det(name: str, roots: list[Path], image_sets: list[str], class_nam
                           f"exist; expected a VOC xml.")
                 continue
             todo.append((xml, jpg))
-        jpg_paths = [jpg for _, jpg in todo if jpg is not None] if decode else []
-        decoded = dict(zip(jpg_paths, pool_map(lambda path: open_image(path, True), jpg_paths)))
+        jpg_paths = [jpg for _, jpg in todo if jpg is not None]  # headers (and JPEG ends) even without decode
+        decoded = dict(zip(jpg_paths, pool_map(lambda path: open_image(path, decode), jpg_paths)))
         for xml, jpg in todo:
             parsed = _parse_voc(xml, jpg, label_of, decoded.get(jpg), probs)
             if parsed is None:

@@ -9,29 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from tasks.detection.coco_eval import CocoEvaluator
 from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tasks.errors import DataError
+from tasks.images import load_rgb  # noqa: F401  (re-exported: detection/voc.py and predict read it from here)
 
 DetectionTransformFn = Callable[
     [np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ]
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 HxWx3 RGB (no EXIF rotation: COCO and VOC annotate the stored pixels)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist.")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt, not an image
-        raise DataError(f"image file {path} cannot be decoded ({type(err).__name__}: "
-                        f"{' '.join(str(err).split())}); expected a readable JPEG or PNG.") from None
 
 
 @contextlib.contextmanager

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from tasks.images import load_rgb
 
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
@@ -90,8 +91,7 @@ class CocoVOCSegmentation(Dataset):
         path = self.image_dir / self.coco.imgs[image_id]["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"image {path} named in the COCO annotations does not exist.")
-        with Image.open(path) as img:
-            image = np.array(img.convert("RGB"))
+        image = load_rgb(path)
         mask = self.build_mask(image_id)
         if mask.shape != image.shape[:2]:
             raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]} but its annotations say "

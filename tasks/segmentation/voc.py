@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tasks.images import to_rgb
+
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -153,7 +155,7 @@ class VOCSegmentation(Dataset):
             raise FileNotFoundError(f"image {image_path} listed in {self.image_set} does not exist.")
         try:
             with Image.open(image_path) as img:
-                image = np.array(img.convert("RGB"))
+                image = to_rgb(img)
         except (OSError, SyntaxError) as err:  # truncated or not an image
             raise _undecodable(image_path, err) from None
         mask, mask_path = self._load_mask(image_id)

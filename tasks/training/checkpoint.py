@@ -17,7 +17,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write to a temporary file beside `path`, then rename over it (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per process: two writers never share it
     try:
         torch.save(state, tmp)
         with open(tmp, "rb") as f:

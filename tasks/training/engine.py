@@ -61,7 +61,8 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
                  val_loader: DataLoader | None, evaluator_factory: Callable[[], Any], run_dir: str | Path,
-                 options: EngineOptions, device: torch.device, config: dict | None = None):
+                 options: EngineOptions, device: torch.device, config: dict | None = None,
+                 artifact: dict | None = None):
         self.options = options
         self.device = device
         if options.channels_last:
@@ -77,6 +78,7 @@ class Engine:
         self.evaluator_factory = evaluator_factory
         self.run_dir = Path(run_dir)
         self.config = config or {}
+        self.artifact = artifact or {}  # what the checkpoint says about itself (tasks/training/artifact.py)
         if options.amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp={options.amp!r} is not supported; expected null, bf16 or fp16.")
         if options.amp == "fp16" and device.type != "cuda":
@@ -117,7 +119,7 @@ class Engine:
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "step": self.step, "best_metric": self.best_metric,
                  "primary_metric": self.primary_metric, "history": self.history, "config": self.config,
-                 "rng": rng_state()}
+                 "artifact": self.artifact, "rng": rng_state()}
         if self.ema is not None:
             state["train_model"] = unwrap(self.model).state_dict()
             state["ema_updates"] = self.ema.n_averaged

@@ -1,30 +1,51 @@
-"""A trained run as the other entry points see it: the model and the config its checkpoint carries."""
+"""A trained run as the other entry points see it: the model and the config its checkpoint carries.
+
+The checkpoint is someone else's file: its config is checked by tasks.resolve (only this project's own
+builders, plus `trusted` module prefixes) before anything is built, the backbone is built without
+pretrained weights (the checkpoint's weights replace them; nothing is downloaded or read), and what the
+model needs at use time (class names, category ids, mean/std, decoding) comes from `state["artifact"]`,
+never from the dataset.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tasks.resolve import check_file_config
+from tasks.training.artifact import artifact_without_dataset
 from tasks.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from tasks.training.model import build_model
 
 # Where a callable lived when older checkpoints were written (their configs name it).
 MOVED_TARGETS = {"tasks.synthetic.ensure_shapes": "tasks.datasets.shapes.ensure_shapes"}
+# The parts of a training config that entry points build objects from.
+BUILT_SECTIONS = ("backbone", "head", "dataset")
 
 
-def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None) -> tuple[nn.Module, DictConfig]:
+def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None,
+                       trusted: Sequence[str] = ()) -> tuple[nn.Module, DictConfig]:
     """The model of a tasks.train checkpoint, in eval mode, and the training config it carries
-    (with the dataset moved to `dataset_root` when given)."""
+    (with the dataset moved to `dataset_root` when given, and the artifact as `cfg.artifact`)."""
     state = load_checkpoint(checkpoint)
     if not state.get("config"):
         raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
                               f"tasks.train.")
-    cfg = OmegaConf.create(_with_moved_targets(state["config"]))
+    config = _with_moved_targets(state["config"])
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in BUILT_SECTIONS):
+        raise CheckpointError(f"checkpoint {checkpoint} has a config without {', '.join(BUILT_SECTIONS)} "
+                              f"sections; expected the config tasks.train writes.")
+    for section in BUILT_SECTIONS:
+        check_file_config(config[section], f"checkpoint {checkpoint}", trusted, path=section)
+    cfg = OmegaConf.create(config)
     if dataset_root is not None:
         cfg = rebase_dataset_root(cfg, dataset_root)
-    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
+    cfg.artifact = state.get("artifact") or artifact_without_dataset(config, f"checkpoint {checkpoint}")
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True) | {"pretrained": None}
+    model = build_model(backbone, cfg.head, cfg.dataset.num_classes)
     load_model_weights(model, state, checkpoint)
     return model.eval(), cfg
 
