@@ -79,7 +79,8 @@ def test_detection_in_both_runtimes_writes_coco_results_matching_the_val_pipelin
     for runtime in ("pytorch", "onnxruntime"):
         summary, out = _run(artifacts, "detection", runtime, tmp_path, [folder, video], draw_score_threshold=0.0)
         names = [e["image"] for e in summary["outputs"]]
-        assert names == [f"{val_name[:-4]}.png", "wide.png", *(f"{video.stem}_frame{i:06d}.png" for i in (0, 3, 6))]
+        assert names == [f"images/{val_name[:-4]}.png", "images/wide.png",
+                         *(f"images/{video.stem}_frame{i:06d}.png" for i in (0, 3, 6))]
         for entry in summary["outputs"]:
             picture = Image.open(out / entry["image"])
             detections = json.loads((out / entry["json"]).read_text())
@@ -160,7 +161,8 @@ def test_predict_cli_on_a_folder_and_a_video(artifacts, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "5 images predicted (detection, onnxruntime)" in result.stdout
-    assert len(list(out.glob("*.png"))) == 5 and len(list(out.glob("*.json"))) == 5 + 2  # + results, summary
+    assert len(list((out / "images").glob("*.png"))) == 5 and len(list((out / "detections").glob("*.json"))) == 5
+    assert sorted(p.name for p in out.glob("*.json")) == ["predictions.json", "results.json"]  # run-level apart
 
 
 def test_inputs_are_checked(artifacts, tmp_path):

@@ -37,7 +37,9 @@ def _version(package: str) -> str | None:
 
 
 def software_versions() -> dict[str, str | None]:
-    return {"mobilevision": _version("mobilevision"), "torch": _version("torch"),
+    import torch
+
+    return {"mobilevision": _version("mobilevision"), "torch": str(torch.__version__),
             "torchvision": _version("torchvision"), "python": platform.python_version()}
 
 
