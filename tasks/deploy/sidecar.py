@@ -90,6 +90,7 @@ def model_metadata(cfg: DictConfig) -> dict[str, Any]:
             "nms_iou_threshold": float(head.get("nms_iou_threshold", 0.55)),
             "topk_candidates": int(head.get("topk_candidates", 300)),
             "detections_per_image": int(head.get("detections_per_image", 100)),
+            "nms_pre": None if head.get("nms_pre", 1000) is None else int(head.get("nms_pre", 1000)),
         }
     else:
         meta["postprocess"] = {"ignore_index": int(head.get("ignore_index", 255))}
