@@ -26,8 +26,10 @@ from torchvision.ops import batched_nms
 from .box_coder import BoxCoder
 
 # The first NMS prefix, in multiples of detections_per_image, and its growth factor.
-_FIRST_PREFIX = 4
+_FIRST_PREFIX = 2
 _GROWTH = 4
+# Up to this many pairs above the threshold, sorting them beats a top-k over every pair.
+_SORT_ALL = 4096
 
 
 def _ranked_candidates(scores: Tensor, score_threshold: float, topk_candidates: int, count: int,
@@ -35,13 +37,18 @@ def _ranked_candidates(scores: Tensor, score_threshold: float, topk_candidates: 
     """The `count` best (anchor, class) pairs of one image that pass the per-class top-k and the threshold,
     in descending score order: (scores [n], flat indices anchor * K + class [n])."""
     num_anchors, num_classes = scores.shape
-    flat = scores.reshape(-1)
-    if num_above <= count:  # few pairs pass the threshold: take them all, no top-k over every pair
+    if num_above <= max(count, _SORT_ALL):  # few pairs pass the threshold: sort those, no top-k over all pairs
         index = above.nonzero().squeeze(1)
-        values, order = flat[index].sort(descending=True)
-        index = index[order]
+        values, order = scores.view(-1)[index].sort(descending=True)
+        values, index = values[:count], index[order[:count]]
+    elif count < num_anchors:
+        # The best `count` pairs lie on the `count` anchors with the best class scores (each of those anchors
+        # holds a pair at least as good as the count-th best anchor's), so the top-k runs on those rows only.
+        rows = scores.amax(dim=1).topk(count).indices
+        values, sub = scores[rows].view(-1).topk(count)
+        index = rows[sub // num_classes] * num_classes + sub % num_classes
     else:
-        values, index = flat.topk(count)
+        values, index = scores.view(-1).topk(count)
     if count <= topk_candidates or int(torch.bincount(index % num_classes).max()) <= topk_candidates:
         return values, index
     # Some class has more than topk_candidates pairs among them: apply the per-class top-k first.
@@ -71,18 +78,20 @@ def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
     scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:].contiguous()  # [B, A, K]
     num_classes = scores.shape[-1]
     above = scores > score_threshold
-    per_class = above.sum(dim=1)  # [B, K]
-    above = above.view(batch, -1)
+    num_above = torch.count_nonzero(above.view(batch, -1), dim=1).tolist()
     # Candidates per image under the per-class top-k rule, then the cap.
-    totals = per_class.clamp(max=topk_candidates).sum(dim=1)
+    if max(num_above, default=0) > topk_candidates:
+        totals = torch.count_nonzero(above, dim=1).clamp(max=topk_candidates).sum(dim=1).tolist()
+    else:
+        totals = num_above
     if nms_pre:
-        totals = totals.clamp(max=nms_pre)
-    totals, num_above = totals.tolist(), above.sum(dim=1).tolist()
+        totals = [min(t, nms_pre) for t in totals]
+    above = above.view(batch, -1)
+    image_scale = torch.as_tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32, device=device)
 
     results = []
-    for b, (h, w) in enumerate(image_sizes):
-        total = int(totals[b])
-        size = torch.tensor([w, h, w, h], dtype=torch.float32, device=device)
+    for b in range(batch):
+        total, size = int(totals[b]), image_scale[b]
         count = min(total, _FIRST_PREFIX * detections_per_image)
         while True:
             values, index = _ranked_candidates(scores[b], score_threshold, topk_candidates, count, above[b],
