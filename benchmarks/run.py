@@ -29,7 +29,8 @@ from . import dataloading, deploy, detection, postprocess, segmentation
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "bench" / "latest.json"
 TASKS = ("detection", "segmentation", "deploy", "postprocess", "data")
-SECTIONS = {"deploy": deploy, "postprocess": postprocess, "data": dataloading}  # own tables, under their own key of the results
+# own tables, under their own key of the results
+SECTIONS = {"deploy": deploy, "postprocess": postprocess, "data": dataloading}
 
 
 @dataclass(frozen=True)
