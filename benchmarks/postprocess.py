@@ -85,7 +85,7 @@ def candidates(cls_logits: torch.Tensor, head) -> dict:
     """(anchor, class) pairs above the threshold under the per-class top-k, and how many enter NMS."""
     scores = cls_logits.float().softmax(-1)[0, :, 1:]
     passing = int((scores > head.score_threshold).sum(0).clamp(max=head.topk_candidates).sum())
-    return {"above_threshold": passing, "into_nms_at_most": min(passing, head.nms_pre or passing)}
+    return {"above_threshold": passing, "into_nms_at_most": min(passing, getattr(head, "nms_pre", None) or passing)}
 
 
 def torchvision_post(head, image_size: int) -> Callable[[dict], list]:
@@ -144,8 +144,9 @@ def run(settings: PostprocessSettings, log=print) -> dict:
     with torch.no_grad():
         raw = model(images)
     fake = realistic_logits(raw["cls_logits"].shape, s, generator)
-    checks = {"nms_pre": head.nms_pre, "realistic_logits": {k: v for k, v in asdict(s).items() if k in (
-        "background_logit", "objects", "anchors_per_object", "object_logit")},
+    shape = ("background_logit", "objects", "anchors_per_object", "object_logit")
+    checks = {"nms_pre": getattr(head, "nms_pre", None),  # getattr: the section also times older heads
+              "realistic_logits": {k: v for k, v in asdict(s).items() if k in shape},
               "candidates": {REGIMES[0]: candidates(raw["cls_logits"], head), REGIMES[1]: candidates(fake, head)}}
     peer_post = torchvision_post(head, s.input_size)
     threads = torch.get_num_threads()
@@ -196,7 +197,7 @@ def run(settings: PostprocessSettings, log=print) -> dict:
             row["post_vs_torchvision"] = paired_ratio(per_path[row["path"]]["post"], per_path[PEER]["post"]).as_dict()
     log("postprocess: candidates per image " + ", ".join(f"{k}: {v['above_threshold']}"
                                                          for k, v in checks["candidates"].items()))
-    return {"settings": asdict(s), "checks": checks, "section": {"rows": rows, "nms_pre": head.nms_pre,
+    return {"settings": asdict(s), "checks": checks, "section": {"rows": rows, "nms_pre": checks["nms_pre"],
                                                                   "input_size": s.input_size,
                                                                   "num_classes": s.num_classes}}
 
