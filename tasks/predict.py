@@ -224,7 +224,7 @@ def coco_results(frame: Frame, result: dict[str, torch.Tensor], class_names: Seq
 def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str | Path, runtime: str = "pytorch",
             onnx: str | None = None, batch_size: int = 8, video_stride: int = 10, max_frames: int | None = None,
             draw_score_threshold: float = 0.3, mask_alpha: float = 0.5, threads: int | None = None,
-            device: str = "cpu") -> dict[str, Any]:
+            device: str = "cpu", channels_last: bool = True) -> dict[str, Any]:
     """Writes the pictures and JSONs described in the module docstring; returns predictions.json's content."""
     if not inputs:
         raise ConfigError("inputs is empty; expected inputs=[image.jpg, folder/, video.mp4].")
@@ -233,6 +233,9 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, meta = load_runtime(checkpoint, onnx, runtime, out_dir, threads, device)
+    layout = torch.channels_last if channels_last and runtime == "pytorch" else torch.preserve_format
+    if runtime == "pytorch":
+        model = model.to(memory_format=layout)
     task, class_names, cat_ids = meta["task"], list(meta["class_names"]), meta.get("label_to_cat_id")
     preprocess = Preprocessor(task, val_transforms_config(meta), meta["input_size"])
     written: list[dict[str, Any]] = []
@@ -241,7 +244,7 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
         tensors, valid = zip(*(preprocess(f.image) for f in batch))
         images = torch.stack(tensors)
         with torch.no_grad():
-            outputs = model(images.to(device) if runtime == "pytorch" else images)
+            outputs = model(images.to(device, memory_format=layout) if runtime == "pytorch" else images)
             results = decode(model, outputs, [f.image.shape[:2] for f in batch], task, preprocess.input_size,
                              list(valid))
         for frame, result in zip(batch, results):
@@ -278,7 +281,8 @@ def main(cfg: DictConfig) -> None:
     inputs = list(cfg.inputs) if isinstance(cfg.inputs, (ListConfig, list, tuple)) else [cfg.inputs]
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
     summary = predict(cfg.checkpoint, inputs, out_dir, cfg.runtime, cfg.onnx, cfg.batch_size, cfg.video_stride,
-                      cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads, cfg.device)
+                      cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads, cfg.device,
+                      cfg.get("channels_last", True))
     print(f"{len(summary['outputs'])} images predicted ({summary['task']}, {summary['runtime']}); "
           f"results in {out_dir}")
 
