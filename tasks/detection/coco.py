@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from tasks.detection.coco_eval import CocoEvaluator
 from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tasks.errors import DataError
+from tasks.image_io import decode_rgb
 
 DetectionTransformFn = Callable[
     [np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -27,8 +28,7 @@ def load_rgb(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist.")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return decode_rgb(path)
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt, not an image
         raise DataError(f"image file {path} cannot be decoded ({type(err).__name__}: "
                         f"{' '.join(str(err).split())}); expected a readable JPEG or PNG.") from None
