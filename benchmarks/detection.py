@@ -11,6 +11,7 @@ checks (parameter counts, MAdds, raw outputs, detections, first-step losses) go 
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,6 +35,11 @@ from .timing import interleaved, paired_ratio, result_row, summarise
 OURS = "ours: SSDLite-MobileNetV2"
 PEER = "torchvision: SSD + SSDLiteHead on mobilenet_v2"
 TRANSFORM = "torchvision: SSD.transform alone"
+CL = " (channels_last)"
+# Training defaults: ours is conf/train.yaml's channels_last; torchvision's detection reference scripts
+# (references/detection/train.py, SSDLite recipe) train in the default NCHW layout, fp32, SGD.
+OURS_DEFAULT = f"{OURS}{CL}, our default"
+PEER_DEFAULT = f"{PEER} (NCHW), its reference default"
 
 
 @dataclass(frozen=True)
@@ -231,32 +237,55 @@ def run(settings: DetectionSettings, log=print) -> dict:
     checks.update(loss_checks(ours, peer, train_images, ours_targets, peer_targets))
     log(f"detection: first-step losses ours box {checks['ours_loss_box']:.4f} cls {checks['ours_loss_cls']:.4f} / "
         f"torchvision box {checks['peer_loss_box']:.4f} cls {checks['peer_loss_cls']:.4f}")
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
-    opt_peer = torch.optim.SGD(peer.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
+    # Four contenders in the same rounds: each model in NCHW and in channels_last (copies, own optimizers).
+    cl = torch.channels_last
+    models = {OURS: ours, PEER: peer, OURS + CL: copy.deepcopy(ours).to(memory_format=cl),
+              PEER + CL: copy.deepcopy(peer).to(memory_format=cl)}
+    train_images_cl = train_images.contiguous(memory_format=cl)
+    train_list_cl = list(train_images_cl)
 
-    def ours_step():
-        opt_ours.zero_grad(set_to_none=True)
-        losses = ours.loss(ours(train_images), ours_targets)
-        sum(losses.values()).backward()
-        opt_ours.step()
+    def ours_step(model, images):
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
 
-    def peer_step():
-        opt_peer.zero_grad(set_to_none=True)
-        losses = peer(train_list, peer_targets)
-        sum(losses.values()).backward()
-        opt_peer.step()
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            losses = model.loss(model(images), ours_targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return step
 
-    ours.train(), peer.train()
-    train = interleaved({OURS: ours_step, PEER: peer_step}, s.train_repeats, s.train_warmup)
-    ours.eval(), peer.eval()
+    def peer_step(model, images):
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            losses = model(images, peer_targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return step
+
+    for model in models.values():
+        model.train()
+    train = interleaved({OURS: ours_step(ours, train_images), PEER: peer_step(peer, train_list),
+                         OURS + CL: ours_step(models[OURS + CL], train_images_cl),
+                         PEER + CL: peer_step(models[PEER + CL], train_list_cl)}, s.train_repeats, s.train_warmup)
+    train[OURS_DEFAULT], train[PEER_DEFAULT] = train[OURS + CL], train[PEER]
+    for model in models.values():
+        model.eval()
+    complexity.update({OURS + CL: complexity[OURS], PEER + CL: complexity[PEER], OURS_DEFAULT: complexity[OURS],
+                       PEER_DEFAULT: complexity[PEER]})
 
     rows, comparisons = [], []
-    for measure, samples in ((f"train step, batch {s.train_batch}", train),
-                             (f"inference + postprocess, batch {s.infer_batch}", infer)):
-        for name, role in ((OURS, "ours"), (PEER, "peer")):
+    train_measure = f"train step, batch {s.train_batch}"
+    for measure, samples, a, b in (
+            (f"{train_measure}, NCHW", train, OURS, PEER),
+            (f"{train_measure}, channels_last (like for like)", train, OURS + CL, PEER + CL),
+            (f"{train_measure}, each side's default", train, OURS_DEFAULT, PEER_DEFAULT),
+            (f"inference + postprocess, batch {s.infer_batch}", infer, OURS, PEER)):
+        for name, role in ((a, "ours"), (b, "peer")):
             rows.append(result_row("detection", name, role, measure, complexity[name], samples[name]))
-        ratio = paired_ratio(samples[OURS], samples[PEER])
-        comparisons.append({"task": "detection", "measure": measure, "ours": OURS, "peer": PEER,
+        ratio = paired_ratio(samples[a], samples[b])
+        comparisons.append({"task": "detection", "measure": measure, "ours": a, "peer": b,
                             "ratio": ratio.as_dict()})
         rows[-2]["ratio"] = ratio.as_dict()
     checks["peer_transform_ms"] = summarise(infer[TRANSFORM]).as_dict()

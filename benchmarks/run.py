@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torchvision
 
-from . import dataloading, deploy, detection, segmentation
+from . import dataloading, deploy, detection, postprocess, segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "bench" / "latest.json"
-TASKS = ("detection", "segmentation", "deploy", "data")
-SECTIONS = {"deploy": deploy, "data": dataloading}  # own tables, under their own key of the results
+TASKS = ("detection", "segmentation", "deploy", "postprocess", "data")
+# own tables, under their own key of the results
+SECTIONS = {"deploy": deploy, "postprocess": postprocess, "data": dataloading}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Plan:
     segmentation: segmentation.SegmentationSettings
     deploy: deploy.DeploySettings = deploy.DeploySettings()
     data: dataloading.DataSettings = dataloading.DataSettings()
+    postprocess: postprocess.PostprocessSettings = postprocess.PostprocessSettings()
 
 
 # Full: 4.4 min of CPU time with 2 threads, so about 3 min on 2 idle cores; 8.5 min measured with the load
@@ -47,7 +49,8 @@ FULL = Plan(detection.DetectionSettings(), segmentation.SegmentationSettings())
 QUICK = Plan(detection.DetectionSettings(train_repeats=1, train_warmup=1, infer_repeats=3, warmup=1),
              segmentation.SegmentationSettings(repeats=2, warmup=1),
              deploy.DeploySettings(repeats=2, warmup=1, peak_repeats=2, peak_warmup=1, calibration_images=2),
-             dataloading.DataSettings(num_images=48, train_repeats=1, train_warmup=1))
+             dataloading.DataSettings(num_images=48, train_repeats=1, train_warmup=1),
+             postprocess.PostprocessSettings(repeats=2, warmup=1))
 
 
 def cpu_model() -> str:

@@ -22,17 +22,18 @@ from tasks.training.trained import load_trained_model
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
                         batch_size: int = 16, num_workers: int = 2, progress: bool = True,
                         multiscale_flip: Sequence[float] | None = None,
-                        trusted_targets: Sequence[str] = ()) -> dict[str, float]:
+                        trusted_targets: Sequence[str] = (), channels_last: bool = True) -> dict[str, float]:
     model, cfg = load_trained_model(checkpoint, dataset_root, trusted_targets)
     if multiscale_flip and cfg.head.get("task") != "segmentation":
         raise ConfigError(f"multiscale_flip={list(multiscale_flip)} is the segmentation papers' MF inference; "
                           f"the checkpoint's head is {cfg.head.get('task')}, expected segmentation (or null).")
     device = dist.init_from_env()
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     val_set = instantiate_from_file(cfg.dataset.val, f"checkpoint {checkpoint}", trusted_targets)
     loader = build_loader(val_set, batch_size, False, num_workers, 0)
     evaluator = val_set.evaluator()
-    metrics = run_evaluation(model, loader, evaluator, device, progress=progress, multiscale_flip=multiscale_flip)
+    metrics = run_evaluation(model, loader, evaluator, device, progress=progress, multiscale_flip=multiscale_flip,
+                             channels_last=channels_last)
     if dist.is_main():
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,8 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     run_dir = HydraConfig.get().runtime.output_dir
     metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
-                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip, list(cfg.trusted_targets))
+                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip, list(cfg.trusted_targets),
+                                  cfg.get("channels_last", True))
     if dist.is_main():
         print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")

@@ -271,7 +271,7 @@ def coco_results(frame: Frame, result: dict[str, torch.Tensor], class_names: Seq
 def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str | Path, runtime: str = "pytorch",
             onnx: str | None = None, batch_size: int = 8, video_stride: int = 10, max_frames: int | None = None,
             draw_score_threshold: float = 0.3, mask_alpha: float = 0.5, threads: int | None = None,
-            device: str = "cpu", trusted_targets: Sequence[str] = ()) -> dict[str, Any]:
+            device: str = "cpu", trusted_targets: Sequence[str] = (), channels_last: bool = True) -> dict[str, Any]:
     """Writes the pictures and JSONs described in the module docstring; returns predictions.json's content."""
     if not inputs:
         raise ConfigError("inputs is empty; expected inputs=[image.jpg, folder/, video.mp4].")
@@ -282,6 +282,9 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
     out_dir = Path(out_dir)
     check_output_dir(out_dir, inputs)
     model, meta = load_runtime(checkpoint, onnx, runtime, out_dir, threads, device, trusted_targets)
+    layout = torch.channels_last if channels_last and runtime == "pytorch" else torch.preserve_format
+    if runtime == "pytorch":
+        model = model.to(memory_format=layout)
     task, class_names, cat_ids = meta["task"], list(meta["class_names"]), meta.get("label_to_cat_id")
     preprocess = Preprocessor(task, val_transforms_config(meta), meta["input_size"],
                               meta.get("config_source", "the model's config"), trusted_targets)
@@ -292,7 +295,7 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
         tensors, valid = zip(*(preprocess(f.image) for f in batch))
         images = torch.stack(tensors)
         with torch.no_grad():
-            outputs = model(images.to(device) if runtime == "pytorch" else images)
+            outputs = model(images.to(device, memory_format=layout) if runtime == "pytorch" else images)
             results = decode(model, outputs, [f.image.shape[:2] for f in batch], task, preprocess.input_size,
                              list(valid))
         for frame, result in zip(batch, results):
@@ -334,7 +337,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
     summary = predict(cfg.checkpoint, inputs, out_dir, cfg.runtime, cfg.onnx, cfg.batch_size, cfg.video_stride,
                       cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads, cfg.device,
-                      list(cfg.trusted_targets))
+                      list(cfg.trusted_targets), cfg.get("channels_last", True))
     skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
     print(f"{len(summary['outputs'])} images predicted ({summary['task']}, {summary['runtime']}){skipped}; "
           f"results in {out_dir}")

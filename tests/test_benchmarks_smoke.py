@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package; `python -m pytest` finds it anyway
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import dataloading, deploy, detection, run, segmentation  # noqa: E402
+from benchmarks import dataloading, deploy, detection, postprocess, run, segmentation  # noqa: E402
 from benchmarks.timing import interleaved, paired_ratio, summarise  # noqa: E402
 
 TINY = run.Plan(
@@ -27,6 +27,8 @@ TINY = run.Plan(
                           peak_repeats=1, peak_warmup=0, calibration_images=1),
     dataloading.DataSettings(sizes=(64,), workers=(0, 1), num_images=8, batch=2, train_repeats=1,
                              train_warmup=1, pipeline_steps=2, width_mult=0.25),
+    postprocess.PostprocessSettings(input_size=64, num_classes=3, width_mult=0.25, repeats=1, warmup=0,
+                                    dynamo=False, objects=2, anchors_per_object=4),
 )
 
 
@@ -91,7 +93,7 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     assert env["cpu_model"] and env["date"] and "--quick" in env["command"]
 
     rows = results["rows"]
-    assert [(r["task"], r["role"]) for r in rows] == [("detection", "ours"), ("detection", "peer")] * 2 + [
+    assert [(r["task"], r["role"]) for r in rows] == [("detection", "ours"), ("detection", "peer")] * 4 + [
         ("segmentation", "ours"), ("segmentation", "peer")] * 2
     for row in rows:
         assert len(row["samples_ms"]) == 1 and row["time_ms"]["median"] == row["samples_ms"][0] > 0
@@ -100,7 +102,14 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
         assert row["model"] in printed
     for ours, peer in zip(rows[::2], rows[1::2]):
         assert ours["ratio"]["median"] == pytest.approx(ours["samples_ms"][0] / peer["samples_ms"][0])
-    assert len(results["comparisons"]) == 4
+    assert len(results["comparisons"]) == 6
+    # Training: NCHW, channels_last on both sides, and each side's default (ours channels_last, torchvision NCHW)
+    # from the same four contenders of the same rounds.
+    train = [r for r in rows if r["measure"].startswith("train step")]
+    assert [r["model"] for r in train] == [detection.OURS, detection.PEER, detection.OURS + detection.CL,
+                                           detection.PEER + detection.CL, detection.OURS_DEFAULT,
+                                           detection.PEER_DEFAULT]
+    assert train[4]["samples_ms"] == train[2]["samples_ms"] and train[5]["samples_ms"] == train[1]["samples_ms"]
 
     # Detection: the peer is the same network (parameters, MAdds, outputs, losses), checked before timing.
     det = results["checks"]["detection"]
@@ -114,7 +123,7 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     # Segmentation: torchvision's parameter counts, straight from torchvision.
     peers = {segmentation.PEER_LIGHT: torchvision.models.segmentation.lraspp_mobilenet_v3_large,
              segmentation.PEER_ASPP: torchvision.models.segmentation.deeplabv3_mobilenet_v3_large}
-    for row in rows[4:]:
+    for row in rows[8:]:
         if row["role"] == "peer":
             model = peers[row["model"]](weights=None, weights_backbone=None, num_classes=4)
             assert row["params"] == sum(p.numel() for p in model.parameters())
@@ -171,6 +180,32 @@ def test_cli_runs_the_deploy_and_data_sections_at_tiny_sizes(tmp_path, monkeypat
         slower = "data loading" if v["loader_images_per_s"] < v["step_images_per_s"] else "training step"
         assert v["bottleneck"] == slower and v["bottleneck"] in printed
     assert "--only deploy --only data" in results["environment"]["command"]
+
+
+def test_cli_runs_the_postprocess_section_at_tiny_sizes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run, "QUICK", TINY)
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench" / "post.json"
+    try:
+        run.main(["--quick", "--threads", "1", "--out", str(out), "--only", "postprocess"])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    section, checks = results["postprocess"], results["checks"]["postprocess"]
+    paths = (postprocess.EAGER, postprocess.PEER, postprocess.ORT, postprocess.ORT_SPIN)
+    assert [(r["regime"], r["path"]) for r in section["rows"]] == [(g, p) for g in postprocess.REGIMES for p in paths]
+    # Untrained: every class of all 96 anchors at 64 px (see the deploy test) passes; the realistic logits
+    # leave only the planted objects (2 x 4 anchors) and a little background noise.
+    assert checks["candidates"]["random weights"]["above_threshold"] == 3 * 96
+    assert 8 <= checks["candidates"]["realistic scores"]["above_threshold"] < 3 * 96
+    for same in checks["vs_torchvision_detections"].values():
+        assert same["ours"] == same["torchvision"] > 0 and same["max_abs_diff_sorted_scores"] < 1e-5
+    for row in section["rows"]:
+        (network,), (post,) = row["samples_ms"]["network"], row["samples_ms"]["post"]
+        assert row["post_over_network"]["median"] == pytest.approx(post / network)
+        assert ("post_vs_torchvision" in row) == (row["path"] != postprocess.PEER)
+        assert row["path"] in printed
 
 
 def test_verdict_against_hand_computed_rates():

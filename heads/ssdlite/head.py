@@ -62,6 +62,7 @@ class SSDLiteHead(nn.Module):
         nms_iou_threshold: float = 0.55,
         topk_candidates: int = 300,
         detections_per_image: int = 100,
+        nms_pre: int | None = 1000,
         norm_eps: float = 1e-3,
         norm_momentum: float = 0.03,
     ):
@@ -84,6 +85,9 @@ class SSDLiteHead(nn.Module):
         self.nms_iou_threshold = nms_iou_threshold
         self.topk_candidates = topk_candidates
         self.detections_per_image = detections_per_image
+        if nms_pre is not None and nms_pre < 0:
+            raise ValueError(f"head.nms_pre={nms_pre} must be a positive number of candidates, or null for no cap.")
+        self.nms_pre = nms_pre
         self.box_coder = BoxCoder(tuple(box_coder_weights))
 
         def norm(c: int) -> nn.Module:
@@ -141,4 +145,4 @@ class SSDLiteHead(nn.Module):
         """Per image {"boxes": xyxy pixels of (h, w), clipped, "scores", "labels" 0..K-1}."""
         return postprocess(outputs["cls_logits"], outputs["bbox_regression"], outputs["anchors"],
                            image_sizes, self.box_coder, self.score_threshold, self.topk_candidates,
-                           self.nms_iou_threshold, self.detections_per_image)
+                           self.nms_iou_threshold, self.detections_per_image, self.nms_pre)

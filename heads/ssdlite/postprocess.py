@@ -1,4 +1,19 @@
-"""From raw outputs to detections: decode, softmax, per-class top-k, class-wise NMS."""
+"""From raw outputs to detections: softmax, candidate selection, decode, class-wise NMS.
+
+The result is torchvision's SSD.postprocess_detections (labels 0..K-1, background dropped): per class the
+`topk_candidates` best anchors whose score is strictly above `score_threshold`, class-wise NMS, the
+`detections_per_image` best. `nms_pre` (mmdetection's name) caps the candidates that enter NMS at the
+`nms_pre` best over all (anchor, class) pairs; it changes nothing while fewer candidates pass.
+
+Two exact shortcuts keep the usual and the worst case cheap:
+- the candidates are taken in score order from one flat top-k over all pairs (or the few pairs above the
+  threshold); a prefix of at most `topk_candidates` pairs can never hold more than `topk_candidates` of
+  one class, so the per-class top-k only has to run when a longer prefix breaks it;
+- greedy NMS decides each box from the higher-scoring boxes alone, so NMS over the best `n` candidates
+  keeps exactly the boxes full NMS keeps among them: once it keeps `detections_per_image`, those are the
+  final detections. NMS starts with a short prefix and grows it only while too few boxes survive.
+Only the anchors of the candidates are decoded.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,38 +25,84 @@ from torchvision.ops import batched_nms
 
 from .box_coder import BoxCoder
 
+# The first NMS prefix, in multiples of detections_per_image, and its growth factor.
+_FIRST_PREFIX = 2
+_GROWTH = 4
+# Up to this many pairs above the threshold, sorting them beats a top-k over every pair.
+_SORT_ALL = 4096
+
+
+def _ranked_candidates(scores: Tensor, score_threshold: float, topk_candidates: int, count: int,
+                       above: Tensor, num_above: int) -> tuple[Tensor, Tensor]:
+    """The `count` best (anchor, class) pairs of one image that pass the per-class top-k and the threshold,
+    in descending score order: (scores [n], flat indices anchor * K + class [n])."""
+    num_anchors, num_classes = scores.shape
+    if num_above <= max(count, _SORT_ALL):  # few pairs pass the threshold: sort those, no top-k over all pairs
+        index = above.nonzero().squeeze(1)
+        values, order = scores.view(-1)[index].sort(descending=True)
+        values, index = values[:count], index[order[:count]]
+    elif count < num_anchors:
+        # The best `count` pairs lie on the `count` anchors with the best class scores (each of those anchors
+        # holds a pair at least as good as the count-th best anchor's), so the top-k runs on those rows only.
+        rows = scores.amax(dim=1).topk(count).indices
+        values, sub = scores[rows].view(-1).topk(count)
+        index = rows[sub // num_classes] * num_classes + sub % num_classes
+    else:
+        values, index = scores.view(-1).topk(count)
+    if count <= topk_candidates or int(torch.bincount(index % num_classes).max()) <= topk_candidates:
+        return values, index
+    # Some class has more than topk_candidates pairs among them: apply the per-class top-k first.
+    per_class, anchor = scores.t().topk(min(topk_candidates, num_anchors), dim=1)  # [K, k]
+    keep = per_class > score_threshold
+    index = (anchor * num_classes + torch.arange(num_classes, device=scores.device)[:, None])[keep]
+    values, order = per_class[keep].sort(descending=True)
+    return values[:count], index[order[:count]]
+
 
 @torch.no_grad()
 def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
                 image_sizes: Sequence[tuple[int, int]], box_coder: BoxCoder, score_threshold: float,
-                topk_candidates: int, nms_iou_threshold: float, detections_per_image: int) -> list[dict]:
-    """Same result as torchvision's SSD.postprocess_detections, with labels 0..K-1 (background dropped).
+                topk_candidates: int, nms_iou_threshold: float, detections_per_image: int,
+                nms_pre: int | None = None) -> list[dict]:
+    """Per image {"boxes": xyxy pixels of (h, w), clipped, "scores", "labels" 0..K-1}, best first.
 
-    A score must be strictly above `score_threshold` (torchvision's rule). The top-k per class is taken
-    before thresholding, which keeps the same boxes as thresholding first, without a loop per class.
+    A score must be strictly above `score_threshold` (torchvision's rule). `nms_pre` (None or 0: no cap)
+    bounds the candidates that enter NMS; below it the result is torchvision's.
     """
     batch, num_anchors, _ = cls_logits.shape
     if len(image_sizes) != batch:
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {batch} images.")
+    if nms_pre is not None and nms_pre < 0:
+        raise ValueError(f"nms_pre={nms_pre} must be a positive number of candidates, or 0/None for no cap.")
     device = cls_logits.device
-    sizes = torch.as_tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32, device=device)
-    boxes = box_coder.decode(bbox_regression.float(), anchors[None]) * sizes[:, None, :]  # [B, A, 4]
-    boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None, :])
+    scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:].contiguous()  # [B, A, K]
+    num_classes = scores.shape[-1]
+    above = scores > score_threshold
+    num_above = torch.count_nonzero(above.view(batch, -1), dim=1).tolist()
+    # Candidates per image under the per-class top-k rule, then the cap.
+    if max(num_above, default=0) > topk_candidates:
+        totals = torch.count_nonzero(above, dim=1).clamp(max=topk_candidates).sum(dim=1).tolist()
+    else:
+        totals = num_above
+    if nms_pre:
+        totals = [min(t, nms_pre) for t in totals]
+    above = above.view(batch, -1)
+    image_scale = torch.as_tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32, device=device)
 
-    scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:].transpose(1, 2)  # [B, K, A]
-    num_classes = scores.shape[1]
-    scores, anchor_idx = scores.topk(min(topk_candidates, num_anchors), dim=2)  # [B, K, k], sorted
-    labels = torch.arange(num_classes, device=device)[None, :, None].expand_as(anchor_idx)
-    images = torch.arange(batch, device=device)[:, None, None].expand_as(anchor_idx)
-    keep = scores > score_threshold
-    scores, labels, images = scores[keep], labels[keep], images[keep]
-    cand_boxes = boxes[images, anchor_idx[keep]]
-
-    # NMS image by image: one batched_nms call over the whole batch would need class offsets so
-    # large (image * K + label) that float32 box coordinates lose precision.
-    per_image = torch.bincount(images, minlength=batch).tolist()
     results = []
-    for b, s, lab in zip(cand_boxes.split(per_image), scores.split(per_image), labels.split(per_image)):
-        kept = batched_nms(b, s, lab, nms_iou_threshold)[:detections_per_image]
-        results.append({"boxes": b[kept], "scores": s[kept], "labels": lab[kept]})
+    for b in range(batch):
+        total, size = int(totals[b]), image_scale[b]
+        count = min(total, _FIRST_PREFIX * detections_per_image)
+        while True:
+            values, index = _ranked_candidates(scores[b], score_threshold, topk_candidates, count, above[b],
+                                               int(num_above[b]))
+            anchor, labels = index // num_classes, index % num_classes
+            boxes = box_coder.decode(bbox_regression[b, anchor].float(), anchors[anchor]) * size
+            boxes = torch.minimum(boxes.clamp(min=0), size)
+            kept = batched_nms(boxes, values, labels, nms_iou_threshold)
+            if len(kept) >= detections_per_image or count >= total:
+                break
+            count = min(total, count * _GROWTH)
+        kept = kept[:detections_per_image]
+        results.append({"boxes": boxes[kept], "scores": values[kept], "labels": labels[kept]})
     return results

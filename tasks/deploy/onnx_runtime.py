@@ -11,7 +11,8 @@ Post-processing of the raw SSDLite outputs (documented here because the graph st
    log(1000 / 16)), then xyxy, scaled by the image's (w, h) and clipped to it;
 2. scores = softmax(cls_logits)[..., 1:] (column 0 is background);
 3. per class, the `topk_candidates` best anchors, kept when score > `score_threshold`;
-4. class-wise NMS at `nms_iou_threshold`, then the `detections_per_image` best per image.
+4. at most `nms_pre` of those, the best over all classes (absent or null: no cap);
+5. class-wise NMS at `nms_iou_threshold`, then the `detections_per_image` best per image.
 `decode_detections` runs exactly this with the head's own code (heads.ssdlite.postprocess).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def decode_detections(outputs: Mapping[str, ArrayLike], image_sizes: Sequence[tu
                        _tensor(outputs["anchors"]), image_sizes,
                        BoxCoder(tuple(settings["box_coder_weights"])), float(settings["score_threshold"]),
                        int(settings["topk_candidates"]), float(settings["nms_iou_threshold"]),
-                       int(settings["detections_per_image"]))
+                       int(settings["detections_per_image"]), settings.get("nms_pre"))
 
 
 def decode_segmentation(logits: ArrayLike, image_sizes: Sequence[Sequence[int]],
@@ -57,7 +58,7 @@ class OnnxModel:
     """An exported .onnx and its sidecar, run by ONNX Runtime on the CPU (or `providers`)."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, spinning: bool = False):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -68,6 +69,10 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        # ONNX Runtime's idle threads otherwise spin for a while after each call, taking the cores from the
+        # PyTorch decoding and NMS that run right after it (benchmarks/README.md, deploy: measured there).
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(self.path), options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
         self.input_name = self.session.get_inputs()[0].name

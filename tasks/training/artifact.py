@@ -25,7 +25,7 @@ DECODING_KEYS = {
 }
 DECODING_DEFAULTS = {"box_coder_weights": [10.0, 10.0, 5.0, 5.0], "score_threshold": 0.01,
                      "nms_iou_threshold": 0.55, "topk_candidates": 300, "detections_per_image": 100,
-                     "ignore_index": 255}
+                     "nms_pre": 1000, "ignore_index": 255}  # nms_pre: SSDLiteHead's default
 ARTIFACT_KEYS = ("task", "class_names", "label_to_cat_id", "input_size", "mean", "std", "decoding", "versions")
 
 
