@@ -79,7 +79,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                                   channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,
-                                  max_bad_samples=cfg.max_bad_samples),
+                                  max_bad_samples=cfg.max_bad_samples, report=cfg.report),
                     device, config=OmegaConf.to_container(cfg, resolve=True))
     if cfg.resume:
         path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
