@@ -9,8 +9,9 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from tasks.analysis.evaluation_report import for_report, normalisation, write_config, write_evaluation_report
 from tasks.cli import run
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.training import distributed as dist
@@ -21,7 +22,9 @@ from tasks.training.trained import load_trained_model
 
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
                         batch_size: int = 16, num_workers: int = 2, progress: bool = True,
-                        multiscale_flip: Sequence[float] | None = None) -> dict[str, float]:
+                        multiscale_flip: Sequence[float] | None = None, report: bool = True) -> dict[str, float]:
+    """Metrics of `checkpoint` on its val split, written to run_dir/metrics.json; with `report`, also the
+    pictures and report.html (tasks/analysis/evaluation_report.py) in run_dir."""
     model, cfg = load_trained_model(checkpoint, dataset_root)
     if multiscale_flip and cfg.head.get("task") != "segmentation":
         raise ConfigError(f"multiscale_flip={list(multiscale_flip)} is the segmentation papers' MF inference; "
@@ -31,6 +34,8 @@ def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_roo
     val_set = instantiate(cfg.dataset.val)
     loader = build_loader(val_set, batch_size, False, num_workers, 0)
     evaluator = val_set.evaluator()
+    if report:
+        evaluator = for_report(evaluator)
     metrics = run_evaluation(model, loader, evaluator, device, progress=progress, multiscale_flip=multiscale_flip)
     if dist.is_main():
         run_dir = Path(run_dir)
@@ -38,6 +43,12 @@ def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_roo
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if hasattr(evaluator, "write_results"):
             evaluator.write_results(run_dir / "detections.json")
+        if report:
+            config = OmegaConf.to_container(cfg, resolve=True)
+            mean, std = normalisation(config)
+            write_evaluation_report(evaluator, val_set, metrics, run_dir, title=f"evaluation of {checkpoint}",
+                                    checkpoint=checkpoint, config=write_config(config, run_dir / "config.yaml"),
+                                    mean=mean, std=std)
     return metrics
 
 
@@ -48,10 +59,12 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     run_dir = HydraConfig.get().runtime.output_dir
     metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
-                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip)
+                                  cfg.num_workers, cfg.progress, cfg.multiscale_flip, cfg.report)
     if dist.is_main():
         print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")
+        if cfg.report:
+            print(f"report (tables and pictures) written to {Path(run_dir) / 'report.html'}")
 
 
 def cli() -> None:

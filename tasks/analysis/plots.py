@@ -137,7 +137,7 @@ def detection_label_stats_figure(widths: np.ndarray, heights: np.ndarray, labels
     widths, heights = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
     labels = np.asarray(labels, np.int64)
     colours = class_colours(class_names)
-    fig = Figure(figsize=(13, 9))
+    fig = Figure(figsize=(max(13.0, 0.16 * len(class_names) + 6.0), 9))
     axes = fig.subplots(2, 2)
     counts = np.bincount(labels, minlength=len(class_names))[:len(class_names)]
     ax = axes[0, 0]
@@ -149,7 +149,7 @@ def detection_label_stats_figure(widths: np.ndarray, heights: np.ndarray, labels
     ax = axes[0, 1]
     if len(widths):
         sample = np.random.default_rng(0).permutation(len(widths))[:20000]
-        ax.scatter(widths[sample], heights[sample], s=4, alpha=0.35, c=[colours[k] for k in labels[sample]],
+        ax.scatter(widths[sample], heights[sample], s=7, alpha=0.5, c=[colours[k] for k in labels[sample]],
                    label="ground truth", linewidths=0)
     if default_boxes is not None and len(default_boxes):
         ax.scatter(default_boxes[:, 0], default_boxes[:, 1], marker="x", s=60, c="black", label="default boxes")
@@ -179,7 +179,11 @@ def detection_label_stats_figure(widths: np.ndarray, heights: np.ndarray, labels
     if default_boxes is not None and len(default_boxes):
         for value in np.unique(np.round(default_boxes[:, 0] / default_boxes[:, 1], 3)):
             ax.axvline(value, color="black", linestyle="--", linewidth=1)
+    ticks = [1 / 8, 1 / 4, 1 / 3, 1 / 2, 1, 2, 3, 4, 8]
+    ax.set_xticks(ticks, ["1/8", "1/4", "1/3", "1/2", "1", "2", "3", "4", "8"])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("aspect ratio w / h (normalised); dashed: default-box ratios")
+
     ax.set_ylabel("boxes")
     ax.set_title("aspect ratios")
     fig.suptitle(title)
@@ -200,8 +204,10 @@ def segmentation_label_stats_figure(pixels: np.ndarray, images_with: np.ndarray,
     left.set_xscale("log")
     left.set_yticks(positions, class_names)
     left.invert_yaxis()
+    floor = share[share > 0].min() / 3 if (share > 0).any() else 1e-6
+    left.set_xlim(floor, 1.5)
     for y, value in zip(positions, share):
-        left.text(max(value, 1e-6), y, f" {100 * value:.2f}%", va="center", fontsize=8)
+        left.text(max(value, floor), y, f" {100 * value:.2f}%" if value > 0 else " none", va="center", fontsize=8)
     total = pixels.sum() + ignored
     left.set_xlabel("share of labelled pixels (log)")
     left.set_title(f"pixel share per class ({100 * ignored / max(total, 1):.1f}% of pixels are 'ignore')")
