@@ -26,9 +26,8 @@ def _instantiate(node):
         raise
 
 
-@hydra.main(config_path="../conf", config_name="browse", version_base="1.3")
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
+def browse_dataset(cfg: DictConfig, out_dir: str | Path) -> dict[str, Path]:
+    """The entry point's work on a composed browse config: the grid and the statistics in `out_dir`."""
     if cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split} is not a split; expected train or val.")
     if cfg.dataset.get("prepare") is not None:
@@ -37,10 +36,16 @@ def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     transforms = (config["dataset"][cfg.split] or {}).get("transforms") or {}
     mean, std = normalisation({"dataset": {"val": {"transforms": transforms}}})
+    return browse(dataset, cfg.dataset.task, cfg.split, out_dir, n=int(cfg.n), augment=bool(cfg.augment),
+                  seed=int(cfg.seed), head=config.get("head"), mean=mean, std=std,
+                  stats_images=cfg.stats_images, columns=cfg.columns, tile_width=int(cfg.tile_width))
+
+
+@hydra.main(config_path="../conf", config_name="browse", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
-    written = browse(dataset, cfg.dataset.task, cfg.split, out_dir, n=int(cfg.n), augment=bool(cfg.augment),
-                     seed=int(cfg.seed), head=config.get("head"), mean=mean, std=std,
-                     stats_images=cfg.stats_images, columns=cfg.columns, tile_width=int(cfg.tile_width))
+    written = browse_dataset(cfg, out_dir)
     print(f"{cfg.split} images with their ground truth: {written['samples']}")
     print(f"label statistics: {written['labels']}")
 
