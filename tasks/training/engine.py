@@ -182,7 +182,10 @@ class Engine:
                 if improved:
                     self.save("best.ckpt")
                 if self.options.report and dist.is_main():
-                    self._write_report(last_metrics)
+                    try:
+                        self._write_report(last_metrics)
+                    except (OSError, ValueError) as err:  # a picture is not worth the run: say so and go on
+                        log.warning("the evaluation report of epoch %d was not written: %s", self.epoch, err)
             else:
                 self.history.append(record)
                 self.save("last.ckpt")
