@@ -202,7 +202,7 @@ def test_detection_report_writes_the_pictures_and_an_html_page_embedding_them(de
     assert 'href="config.yaml"' in page and 'href="model.ckpt"' in page
     assert all(f"<td>{name}</td>" in page for name in ("person", "dog"))
     worst = Image.open(detection_report.figures["worst_images"])
-    assert worst.width > 1000 and len(np.unique(np.asarray(worst).reshape(-1, 3), axis=0)) > 1000  # real photos
+    assert worst.width == 2 * 480 + 3 * 4 and len(np.unique(np.asarray(worst).reshape(-1, 3), axis=0)) > 1000  # real photos
 
 
 def test_segmentation_report_tables_the_evaluator_numbers(shared_data, tmp_path):
@@ -227,8 +227,8 @@ def test_segmentation_report_tables_the_evaluator_numbers(shared_data, tmp_path)
         value = metrics[f"IoU/{name}"]
         assert rows[name] == ("n/a" if np.isnan(value) else f"{value:.4f}")
     assert "config: <em>not available</em>" in page
-    # 4 worst images of 3 panels each: image | truth | prediction, 540 px per row entry
-    assert Image.open(report.figures["worst_images"]).width == 2 * 540 + 3 * 4
+    # 4 worst images of 3 panels each: image | truth | prediction, 480 px per entry
+    assert Image.open(report.figures["worst_images"]).width == 2 * 480 + 3 * 4
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

@@ -133,7 +133,7 @@ def browse(dataset: Any, task: str, split: str, out_dir: str | Path, n: int = 16
         _seed_transforms(dataset, seed)
     pictures, captions = sample_pictures(dataset, task, indices, augment, mean, std)
     samples = out_dir / f"samples_{split}{'_augmented' if augment else ''}.png"
-    image_grid(pictures, captions, columns=columns, tile_width=tile_width).save(samples)
+    image_grid(pictures, captions, columns=columns, tile_width=tile_width).save(samples, compress_level=1)
     title = f"{split} split labels"
     figure = (detection_statistics(dataset, head, title, stats_images) if task == "detection"
               else segmentation_statistics(dataset, title, limit=stats_images))

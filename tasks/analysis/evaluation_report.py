@@ -169,7 +169,7 @@ def _detection(evaluator: Any, dataset: Any, metrics: Mapping[str, float], direc
         captions.append(f"{image_id}: {e.missed} missed, {e.false_detections} false, {e.confused} confused")
     notes = []
     if tiles:
-        image_grid(tiles, captions, columns=2, tile_width=520).save(directory / "worst_images.png")
+        image_grid(tiles, captions, columns=2, tile_width=480).save(directory / "worst_images.png", compress_level=1)
         pictures.append(Picture("worst images", directory / "worst_images.png",
                                 f"The images with the most errors (missed + false + confused at score >= "
                                 f"{score_threshold}): ground truth left, predictions right."))
@@ -218,7 +218,8 @@ def _segmentation(evaluator: Any, dataset: Any, metrics: Mapping[str, float], di
                                    draw_mask(image, predicted_mask, class_names=names)]))
         captions.append(f"{image_id}: mIoU {score:.3f}")
     if tiles:
-        image_grid(tiles, captions, columns=2, tile_width=3 * 180).save(directory / "worst_images.png")
+        image_grid(tiles, captions, columns=2, tile_width=3 * 160).save(directory / "worst_images.png",
+                                                                          compress_level=1)
         pictures.append(Picture("worst images", directory / "worst_images.png",
                                 "The images with the lowest mIoU (over the classes in their truth or prediction): "
                                 "image | truth | prediction."))

@@ -17,7 +17,7 @@ from tasks.analysis.visualize import class_colour
 def save_figure(fig: Figure, path: str | Path | None = None, dpi: int = 100) -> Image.Image:
     """Render `fig` (a bare Figure: pyplot's global state is left alone) to a PNG at `path` and return it."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format="png")
+    fig.savefig(buffer, dpi=dpi, format="png", pil_kwargs={"compress_level": 1})
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
