@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(sys.argv[1:] if argv is None else argv)
     root = Path("outputs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    summary, failed = [], False
+    summary, failed, reports = [], False, []
     for task, experiment, metric, target in DEMOS:
         if not (Path(__file__).parents[1] / "conf" / "experiment" / f"{experiment}.yaml").exists():
             continue
@@ -68,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         if task == "segmentation":
             overlays = write_overlays(root / task)
             print(f"overlays (image | truth | prediction): {overlays[0].parent}")
+        reports += [f"{task:<13} {path}" for path in sorted((root / task).glob("reports/epoch_*/report.html"))[-1:]]
         ok = metrics[metric] >= target
         failed |= not ok
         summary.append(f"{task:<13} {metric} = {metrics[metric]:.3f} (target >= {target}) in {minutes:.1f} min"
                        f"  {'ok' if ok else 'BELOW TARGET'}   -> {root / task}")
     print("\n== demo summary")
     print("\n".join(summary))
+    if reports:
+        print("\n== evaluation reports (tables and pictures; open in a browser)")
+        print("\n".join(reports))
     return 1 if failed else 0
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from tasks.analysis.evaluation_report import for_report, normalisation, write_config, write_evaluation_report
 from tasks.cli import run
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.resolve import instantiate_from_file
@@ -22,7 +23,10 @@ from tasks.training.trained import load_trained_model
 def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_root: str | None = None,
                         batch_size: int = 16, num_workers: int = 2, progress: bool = True,
                         multiscale_flip: Sequence[float] | None = None,
-                        trusted_targets: Sequence[str] = (), channels_last: bool = True) -> dict[str, float]:
+                        trusted_targets: Sequence[str] = (), channels_last: bool = True,
+                        report: bool = True) -> dict[str, float]:
+    """Metrics of `checkpoint` on its val split, written to run_dir/metrics.json; with `report`, also the
+    pictures and report.html (tasks/analysis/evaluation_report.py) in run_dir."""
     model, cfg = load_trained_model(checkpoint, dataset_root, trusted_targets)
     if multiscale_flip and cfg.head.get("task") != "segmentation":
         raise ConfigError(f"multiscale_flip={list(multiscale_flip)} is the segmentation papers' MF inference; "
@@ -32,6 +36,8 @@ def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_roo
     val_set = instantiate_from_file(cfg.dataset.val, f"checkpoint {checkpoint}", trusted_targets)
     loader = build_loader(val_set, batch_size, False, num_workers, 0)
     evaluator = val_set.evaluator()
+    if report:
+        evaluator = for_report(evaluator)
     metrics = run_evaluation(model, loader, evaluator, device, progress=progress, multiscale_flip=multiscale_flip,
                              channels_last=channels_last)
     if dist.is_main():
@@ -40,6 +46,12 @@ def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_roo
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if hasattr(evaluator, "write_results"):
             evaluator.write_results(run_dir / "detections.json")
+        if report:
+            config = OmegaConf.to_container(cfg, resolve=True)
+            mean, std = normalisation(config)
+            write_evaluation_report(evaluator, val_set, metrics, run_dir, title=f"evaluation of {checkpoint}",
+                                    checkpoint=checkpoint, config=write_config(config, run_dir / "config.yaml"),
+                                    mean=mean, std=std)
     return metrics
 
 
@@ -51,10 +63,12 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
                                   cfg.num_workers, cfg.progress, cfg.multiscale_flip, list(cfg.trusted_targets),
-                                  cfg.get("channels_last", True))
+                                  cfg.get("channels_last", True), cfg.report)
     if dist.is_main():
         print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")
+        if cfg.report:
+            print(f"report (tables and pictures) written to {Path(run_dir) / 'report.html'}")
 
 
 def cli() -> None:

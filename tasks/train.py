@@ -88,7 +88,7 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
                                   channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,
-                                  max_bad_samples=cfg.max_bad_samples),
+                                  max_bad_samples=cfg.max_bad_samples, report=cfg.report),
                     device, config=OmegaConf.to_container(cfg, resolve=True),
                     artifact=artifact_of_dataset(cfg, train_set))
     if cfg.resume:

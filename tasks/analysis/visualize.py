@@ -1,4 +1,6 @@
-"""Pictures of results: boxes with labels, mask overlays (PIL), and a run's loss/metric curves (matplotlib)."""
+"""Pictures of results: boxes with labels, mask overlays, image grids (PIL), and a run's loss/metric curves
+(matplotlib). The evaluation and dataset figures (confusion matrices, PR curves, label statistics) are in
+tasks/analysis/plots.py; predict, browse and the evaluation report all draw with these."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -36,10 +38,13 @@ def class_colour(label: int) -> tuple[int, int, int]:
 def draw_detections(image: Image.Image | np.ndarray, boxes: Any, scores: Any, labels: Any,
                     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
                     line_width: int | None = None) -> Image.Image:
-    """A copy of `image` with each box (xyxy pixels) whose score >= threshold drawn with "name 0.87"."""
+    """A copy of `image` with each box (xyxy pixels) whose score >= threshold drawn with "name 0.87".
+    `scores=None` draws ground truth: every box, labelled with its class name only."""
     canvas = _rgb(image).copy()
     boxes = _numpy(boxes).reshape(-1, 4)
-    scores, labels = _numpy(scores).reshape(-1), _numpy(labels).reshape(-1).astype(np.int64)
+    labels = _numpy(labels).reshape(-1).astype(np.int64)
+    truth = scores is None
+    scores = np.ones(len(labels)) if truth else _numpy(scores).reshape(-1)
     if not len(boxes) == len(scores) == len(labels):
         raise ValueError(f"draw_detections got {len(boxes)} boxes, {len(scores)} scores and {len(labels)} "
                          f"labels; expected equal counts.")
@@ -54,7 +59,7 @@ def draw_detections(image: Image.Image | np.ndarray, boxes: Any, scores: Any, la
         colour = class_colour(label)
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        text = f"{name} {scores[i]:.2f}"
+        text = name if truth else f"{name} {scores[i]:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left, bottom - top
         ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1
@@ -142,4 +147,68 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path, title: 
     return path
 
 
-__all__ = ["draw_detections", "draw_mask", "plot_history", "class_colour"]
+def denormalise(image: Any, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A model input [3, H, W] normalised as (x / 255 - mean) / std back to an RGB uint8 [H, W, 3] picture."""
+    array = _numpy(image).astype(np.float32)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"denormalise expects a [3, H, W] image tensor; got shape {array.shape}.")
+    mean_ = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    std_ = np.asarray(std, np.float32).reshape(3, 1, 1)
+    pixels = (array * std_ + mean_) * 255.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def caption(image: Image.Image | np.ndarray, text: str, height: int = 14) -> Image.Image:
+    """The image with a white strip on top holding `text` (cut to the image's width)."""
+    picture = _rgb(image)
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (picture.width, picture.height + height), (255, 255, 255))
+    canvas.paste(picture, (0, height))
+    draw = ImageDraw.Draw(canvas)
+    while text and draw.textlength(text, font=font) > picture.width - 4:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    draw.text((2, 1), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def side_by_side(images: Sequence[Image.Image | np.ndarray], gap: int = 2) -> Image.Image:
+    """Pictures of the same height in one row, `gap` white pixels apart."""
+    pictures = [_rgb(im) for im in images]
+    height = max(p.height for p in pictures)
+    canvas = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1), height), (255, 255, 255))
+    x = 0
+    for picture in pictures:
+        canvas.paste(picture, (x, 0))
+        x += picture.width + gap
+    return canvas
+
+
+def image_grid(images: Sequence[Image.Image | np.ndarray], captions: Sequence[str] | None = None,
+               columns: int | None = None, tile_width: int = 320, gap: int = 4) -> Image.Image:
+    """Tiles scaled to `tile_width` (keeping their aspect ratio), each under its caption, in rows of
+    `columns` (default: a near-square layout)."""
+    if not images:
+        raise ValueError("image_grid got no images; expected at least one.")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"image_grid got {len(images)} images and {len(captions)} captions; expected equal counts.")
+    tiles = []
+    for i, image in enumerate(images):
+        picture = _rgb(image)
+        scale = tile_width / picture.width
+        picture = picture.resize((tile_width, max(1, round(picture.height * scale))), Image.Resampling.BILINEAR)
+        tiles.append(caption(picture, captions[i]) if captions is not None else picture)
+    columns = columns or int(np.ceil(np.sqrt(len(tiles))))
+    rows = int(np.ceil(len(tiles) / columns))
+    row_heights = [max(t.height for t in tiles[r * columns:(r + 1) * columns]) for r in range(rows)]
+    canvas = Image.new("RGB", (columns * tile_width + (columns + 1) * gap, sum(row_heights) + (rows + 1) * gap),
+                       (255, 255, 255))
+    y = gap
+    for r in range(rows):
+        for c, tile in enumerate(tiles[r * columns:(r + 1) * columns]):
+            canvas.paste(tile, (gap + c * (tile_width + gap), y))
+        y += row_heights[r] + gap
+    return canvas
+
+
+__all__ = ["draw_detections", "draw_mask", "plot_history", "class_colour", "denormalise", "caption",
+           "side_by_side", "image_grid"]

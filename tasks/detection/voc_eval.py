@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.detection.confusion import DetectionErrors
 from tasks.detection.predictions import prediction_arrays, to_numpy
 
 GroundTruth = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes [G,4] xyxy, labels [G], difficult [G] bool
@@ -40,6 +41,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, np.finfo(np.float64).eps)
 
 
+def interpolated_precision(recall: np.ndarray, precision: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The precision envelope (best precision at recall >= r) at each r of `grid`, 0 beyond the last recall:
+    COCOeval's interpolation, so VOC and COCO curves read the same."""
+    envelope = np.maximum.accumulate(np.asarray(precision, np.float64)[::-1])[::-1]
+    index = np.searchsorted(np.asarray(recall, np.float64), grid, side="left")
+    return np.where(index < len(envelope), envelope[np.minimum(index, len(envelope) - 1)], 0.0)
+
+
 def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
     """VOC AP from a precision/recall curve (detections in descending score order)."""
     if use_07_metric:
@@ -55,10 +64,13 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: 
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-class VOCEvaluator:
+class VOCEvaluator(DetectionErrors):
     """VOC mAP at one IoU threshold over the images it has seen. `compute()` returns "mAP50" (the mean over
     classes that have non-difficult ground truth in those images) and "AP50/<class>" per class (NaN for a
-    class without such ground truth). An image seen twice counts once."""
+    class without such ground truth). An image seen twice counts once.
+
+    For the report: `per_class_ap()`, `precision_recall()` and DetectionErrors' confusion matrix and errors
+    per image (difficult boxes are ignored there as here)."""
 
     primary = "mAP50"
 
@@ -122,7 +134,43 @@ class VOCEvaluator:
         out |= {f"AP50/{name}": ap for name, ap in zip(self.class_names, aps, strict=True)}
         return out
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def image_ids(self) -> list:
+        return list(self._detections)
+
+    def ground_truth_of(self, image_id: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.ground_truth[self._key(image_id)]
+
+    def detections_of(self, image_id: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._detections[self._key(image_id)]
+
+    def per_class_ap(self) -> dict[str, dict[str, float]]:
+        """name -> {"AP50": AP at this evaluator's IoU threshold}; NaN for a class without ground truth."""
+        return {name: {"AP50": self._class_ap(c) if self._detections else 0.0}
+                for c, name in enumerate(self.class_names)}
+
+    def precision_recall(self, grid: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(recall grid, default COCO's 101 points; name -> interpolated precision there); NaN for a class
+        without ground truth."""
+        grid = np.linspace(0.0, 1.0, 101) if grid is None else np.asarray(grid, np.float64)
+        curves = {}
+        for c, name in enumerate(self.class_names):
+            pr = self._class_pr(c)
+            if pr is None:
+                curves[name] = np.full_like(grid, np.nan)
+            else:
+                curves[name] = interpolated_precision(*pr, grid) if len(pr[0]) else np.zeros_like(grid)
+        return grid, curves
+
     def _class_ap(self, cls: int) -> float:
+        pr = self._class_pr(cls)
+        return math.nan if pr is None else average_precision(*pr, self.use_07_metric)
+
+    def _class_pr(self, cls: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(recall, precision) per detection of class `cls` in descending score order; None without positives."""
         gt: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         npos = 0
         det_img, det_score, det_box = [], [], []
@@ -136,7 +184,7 @@ class VOCEvaluator:
             det_score.append(scores[k])
             det_box.append(boxes[k])
         if npos == 0:
-            return math.nan
+            return None
         scores = np.concatenate(det_score) if det_score else np.zeros(0)
         boxes = np.concatenate(det_box) if det_box else np.zeros((0, 4))
         order = np.argsort(-scores, kind="stable")
@@ -162,7 +210,7 @@ class VOCEvaluator:
         tp, fp = np.cumsum(tp), np.cumsum(fp)
         recall = tp / npos
         precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-        return average_precision(recall, precision, self.use_07_metric)
+        return recall, precision
 
     def state(self) -> dict[str, Any]:
         return {"detections": {k: tuple(v) for k, v in self._detections.items()}}

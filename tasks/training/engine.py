@@ -49,6 +49,7 @@ class EngineOptions:
     checkpoint_every_steps: int = 0      # also write last.ckpt inside an epoch (for exact resume)
     check_sync_every: int = 0            # DDP: compare the ranks' weights bit for bit every N steps
     max_bad_samples: int = 10            # unreadable files skipped (with a warning) before the run stops
+    report: bool = True                  # per-class tables, PR curves, confusion matrix, worst images per evaluation
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -93,6 +94,7 @@ class Engine:
         self.sync_checks = 0
         self.skipped: dict[str, None] = {}  # distinct messages, in order
         self._writer = None
+        self._evaluator = None  # the last evaluation's, read by its report
 
     # -- logging ---------------------------------------------------------------------------------
     @property
@@ -107,6 +109,15 @@ class Engine:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def _log_images(self, images: dict, step: int) -> None:
+        """tag -> PIL image or uint8 [H, W, 3] array, as TensorBoard images."""
+        if self.writer is not None:
+            import numpy as np
+
+            for tag, image in images.items():
+                self.writer.add_image(tag, np.asarray(image.convert("RGB") if hasattr(image, "convert") else image),
+                                      step, dataformats="HWC")
 
     # -- checkpoints -----------------------------------------------------------------------------
     @property
@@ -172,6 +183,11 @@ class Engine:
                 self.save("last.ckpt")
                 if improved:
                     self.save("best.ckpt")
+                if self.options.report and dist.is_main():
+                    try:
+                        self._write_report(last_metrics)
+                    except (OSError, ValueError) as err:  # a picture is not worth the run: say so and go on
+                        log.warning("the evaluation report of epoch %d was not written: %s", self.epoch, err)
             else:
                 self.history.append(record)
                 self.save("last.ckpt")
@@ -268,9 +284,28 @@ class Engine:
         raise NonFiniteLossError(f"loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}) "
                                  f"with {terms} on images {ids}; {kept}.")
 
+    def _write_report(self, metrics: dict[str, float]) -> None:
+        """The evaluation's pictures and report.html in reports/epoch_NNN/, the pictures also to TensorBoard."""
+        from tasks.analysis.evaluation_report import normalisation, write_config, write_evaluation_report
+
+        directory = self.run_dir / "reports" / f"epoch_{self.epoch:03d}"
+        mean, std = normalisation(self.config)
+        report = write_evaluation_report(
+            self._evaluator, self.val_loader.dataset, metrics, directory,
+            title=f"evaluation after epoch {self.epoch} (step {self.step})", checkpoint=self.run_dir / "last.ckpt",
+            config=write_config(self.config, directory / "config.yaml") if self.config else None, mean=mean, std=std,
+            notes=[f"checkpoint: last.ckpt holds these weights until the next epoch's save; run {self.run_dir}"])
+        self._log_images({f"report/{name}": image for name, image in report.pictures.items()}, self.epoch)
+        log.info("evaluation report: %s", report.html)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         evaluator = self.evaluator_factory()
+        if self.options.report:
+            from tasks.analysis.evaluation_report import for_report
+
+            evaluator = for_report(evaluator)
+        self._evaluator = evaluator
         self.primary_metric = evaluator.primary
         dist.broadcast_buffers(self.eval_model)
         return evaluate(self.eval_model, self.val_loader, evaluator, self.device, progress=self.options.progress,
