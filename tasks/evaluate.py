@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.training import distributed as dist
 from tasks.training.evaluation import evaluate as run_evaluation
@@ -41,7 +41,7 @@ def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_roo
     return metrics
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     if cfg.threads:

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.datasets.check import check_dataset
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.training import distributed as dist
@@ -104,7 +104,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plot_history(history, path)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg, HydraConfig.get().runtime.output_dir)
