@@ -23,7 +23,7 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from tasks.errors import USER_ERRORS
+from tasks.errors import HYDRA_RAISES_FOR_CLI, USER_ERRORS, full_errors_wanted
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -116,10 +116,11 @@ def _stop(sentence: str) -> None:
 
 def run(hydra_main: Callable[[], object], config_name: str) -> None:
     """Hand over to the @hydra.main function; what it raises that a user can fix becomes one sentence."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if full_errors_wanted():
         hydra_main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own report
+    os.environ[HYDRA_RAISES_FOR_CLI] = "1"  # ... and user_errors_exit still prints its one sentence
     try:
         hydra_main()
     except (HydraException, OmegaConfBaseException) as err:
@@ -137,3 +138,4 @@ def run(hydra_main: Callable[[], object], config_name: str) -> None:
         _stop(str(err))
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
+        os.environ.pop(HYDRA_RAISES_FOR_CLI, None)

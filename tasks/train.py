@@ -19,7 +19,8 @@ from tasks.training.config_checks import check_train_config
 from tasks.training.engine import Engine, EngineOptions
 from tasks.training.loaders import build_loader
 from tasks.training.model import build_model
-from tasks.training.optim import build_optimizer, build_scheduler
+from tasks.training.loggers import build_loggers
+from tasks.training.optim import build_optimizer, scheduler_from_config
 from tasks.training.rng import seed_everything
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     optimizer = build_optimizer(instantiate(cfg.optim.optimizer), model, cfg.optim.weight_decay,
                                 cfg.optim.norm_bias_decay)
     steps_per_epoch = len(train_loader)
-    schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
-    name, warmup_epochs = schedule.pop("name"), schedule.pop("warmup_epochs")
-    scheduler = build_scheduler(optimizer, name, cfg.epochs * steps_per_epoch,
-                                int(warmup_epochs * steps_per_epoch), **schedule)
+    scheduler = scheduler_from_config(optimizer, OmegaConf.to_container(cfg.schedule, resolve=True),
+                                      cfg.epochs * steps_per_epoch, steps_per_epoch)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.get("logger"), run_dir, config) if dist.is_main() and "logger" in cfg else None
 
     engine = Engine(model, optimizer, scheduler, train_loader, val_loader, val_set.evaluator, run_dir,
                     EngineOptions(epochs=cfg.epochs, eval_every=cfg.eval_every, clip_grad_norm=cfg.clip_grad_norm,
@@ -80,7 +81,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,
                                   max_bad_samples=cfg.max_bad_samples),
-                    device, config=OmegaConf.to_container(cfg, resolve=True))
+                    device, config=config, loggers=loggers)
     if cfg.resume:
         path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
         if path.exists() or cfg.resume is not True:
@@ -93,7 +94,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             log.info("weights identical on all %d ranks at each of %d checks", dist.world_size(), engine.sync_checks)
         _plot_curves(engine.history, Path(run_dir) / "curves.png")
         log.info("checkpoints and logs in %s", run_dir)
-    return metrics
+    return TrainResult(metrics, primary=engine.primary_metric, best=engine.best_metric)
+
+
+class TrainResult(dict):
+    """The last evaluation's metrics, plus the primary metric's name and its best value over the run
+    (what best.ckpt holds, and what a Hydra sweeper optimises)."""
+
+    def __init__(self, metrics: dict[str, float], primary: str | None, best: float | None):
+        super().__init__(metrics)
+        self.primary = primary
+        self.best = best
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -107,11 +118,15 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
+    """Returns the best value of the primary validation metric (AP, mIoU): the objective of a sweep
+    (`-m hparams_search=...`)."""
     metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     if dist.is_main() and metrics:
         names = [k for k in metrics if "/" not in k]
         print("final metrics: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in names))
-    return None
+        if metrics.primary is not None and metrics.best is not None:
+            print(f"best {metrics.primary}={metrics.best:.4f}")
+    return metrics.best
 
 
 def cli() -> None:

@@ -61,7 +61,7 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
                  val_loader: DataLoader | None, evaluator_factory: Callable[[], Any], run_dir: str | Path,
-                 options: EngineOptions, device: torch.device, config: dict | None = None):
+                 options: EngineOptions, device: torch.device, config: dict | None = None, loggers: Any = None):
         self.options = options
         self.device = device
         if options.channels_last:
@@ -91,6 +91,7 @@ class Engine:
         self.sync_checks = 0
         self.skipped: dict[str, None] = {}  # distinct messages, in order
         self._writer = None
+        self.loggers = loggers  # tasks.training.loggers.Loggers; None = TensorBoard only, as before
 
     # -- logging ---------------------------------------------------------------------------------
     @property
@@ -101,7 +102,10 @@ class Engine:
         return self._writer
 
     def _scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
+        if self.loggers is not None:
+            if dist.is_main():
+                self.loggers.log_scalars(prefix, values, step)
+        elif self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
@@ -175,6 +179,8 @@ class Engine:
                 self.save("last.ckpt")
         if self._writer is not None:
             self._writer.close()
+        if self.loggers is not None and dist.is_main():
+            self.loggers.close()
         return last_metrics
 
     def _autocast(self):
