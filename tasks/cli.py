@@ -24,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from tasks.errors import HYDRA_RAISES_FOR_CLI, USER_ERRORS, full_errors_wanted
+from tasks.training.schema import register as register_schemas
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+register_schemas()
 
 
 def _user_overrides(argv: Sequence[str]) -> list[str]:
@@ -57,14 +59,29 @@ def _key_sentence(override: str, base: DictConfig) -> str:
             f"{', '.join(keys)} (prefix with + to add a new key on purpose).")
 
 
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _expected(cause: ValidationError, leaf: str) -> str:
+    """'an integer', 'a number or null', ... from the structured config's annotation of the key."""
+    import dataclasses
+    import typing
+
+    owner = getattr(cause, "object_type", None)
+    if not (isinstance(owner, type) and dataclasses.is_dataclass(owner)):
+        return "a value of the declared type"
+    hint = typing.get_type_hints(owner).get(leaf)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    words = " or ".join(TYPE_WORDS.get(a, getattr(a, "__name__", str(a))) for a in args)
+    return words + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
 def _type_sentence(cause: ValidationError, overrides: Sequence[str]) -> str:
     key = str(getattr(cause, "full_key", "") or "")
     override = next((o for o in overrides if o.lstrip("+~").split("=")[0] == key), None)
     shown = override.lstrip("+~") if override else key
     detail = str(cause).split("\n")[0].strip().rstrip(".")
-    expected = getattr(getattr(cause, "ref_type", None), "__name__", None)
-    what = f"expected {'a' if expected != 'int' else 'an'} {expected} value" if expected else "expected another type"
-    return f"{shown} is not allowed ({detail}); {what}."
+    return f"{shown} is not allowed ({detail}); expected {_expected(cause, key.rpartition('.')[2])}."
 
 
 def error_sentence(err: BaseException, config_name: str, overrides: Sequence[str]) -> str:
