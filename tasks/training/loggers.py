@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -96,14 +97,17 @@ class CSVLogger:
 
 
 class MLflowLogger:
-    """An MLflow run in a local file store (<run_dir>/mlruns unless tracking_uri says otherwise);
-    needs the `mlflow` extra (mlflow or mlflow-skinny)."""
+    """An MLflow run in a local file store (<run_dir>/mlruns unless tracking_uri says otherwise, e.g.
+    sqlite:///mlflow.db or a server); needs the `mlflow` extra (mlflow or mlflow-skinny). MLflow 3 keeps the
+    file store in maintenance mode behind MLFLOW_ALLOW_FILE_STORE, which is set for a file:// store."""
 
     def __init__(self, run_dir: str | Path, experiment: str = "mobilevision", tracking_uri: str | None = None,
                  run_name: str | None = None, config: Mapping[str, Any] | None = None):
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri or (Path(run_dir).resolve() / "mlruns").as_uri()
+        if self.tracking_uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
