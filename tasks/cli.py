@@ -24,10 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from tasks.errors import HYDRA_RAISES_FOR_CLI, USER_ERRORS, full_errors_wanted
-from tasks.training.schema import register as register_schemas
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-register_schemas()
 
 
 def _user_overrides(argv: Sequence[str]) -> list[str]:
