@@ -35,14 +35,15 @@ def compose_config(config_name: str = "train", overrides: Sequence[str] = (),
 
     from tasks.cli import CONFIG_DIR
 
-    extra = [f"hydra.searchpath=[{','.join(Path(d).resolve().as_uri() for d in config_dirs)}]"] if config_dirs else []
+    uris = ",".join(Path(d).resolve().as_uri() for d in config_dirs)
+    extra = [f"hydra.searchpath=[{uris}]"] if config_dirs else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name, overrides=[*extra, *overrides])
 
 
 def build_model(backbone: str = "mobilenet_v2", head: str | None = "ssdlite", num_classes: int | None = None,
                 *, overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (), **options: Any) -> nn.Module:
-    """A model from config names, e.g. `build_model("mobilenet_v2", "ssdlite", num_classes=3, backbone__width_mult=0.5)`.
+    """A model from config names: `build_model("mobilenet_v2", "ssdlite", num_classes=3, backbone__width_mult=0.5)`.
 
     `backbone` and `head` are options of conf/backbone and conf/head (or of the user's `config_dirs`);
     `head=None` puts the papers' ImageNet classifier on the backbone. Keyword options are config keys with

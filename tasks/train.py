@@ -18,8 +18,8 @@ from tasks.training.checkpoint import load_checkpoint, load_model_weights
 from tasks.training.config_checks import check_train_config
 from tasks.training.engine import Engine, EngineOptions
 from tasks.training.loaders import build_loader
-from tasks.training.model import build_model
 from tasks.training.loggers import build_loggers
+from tasks.training.model import build_model
 from tasks.training.optim import build_optimizer, scheduler_from_config
 from tasks.training.rng import seed_everything
 

@@ -83,7 +83,8 @@ def test_the_plugin_example_trains_evaluates_and_exports_from_a_temporary_folder
         "hydra.run.dir=run", *tiny_shapes_overrides(work / "shapes", "coco", num_train=8, num_val=4, size=64))
     state = torch.load(work / "run" / "last.ckpt", weights_only=True)
     assert state["config"]["backbone"]["_target_"] == "timm_backbone.TimmBackbone"
-    printed = run("tasks.evaluate", "checkpoint=run/last.ckpt", "progress=false", "hydra.run.dir=eval", *_trusted("evaluate"))
+    printed = run("tasks.evaluate", "checkpoint=run/last.ckpt", "progress=false", "hydra.run.dir=eval",
+                  *_trusted("evaluate"))
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(state["history"][-1]["val/AP"], abs=1e-6)  # same model, same data
     assert "AP=" in printed

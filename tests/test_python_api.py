@@ -28,7 +28,8 @@ def test_build_model_is_the_command_lines_model():
     model = mobilevision.build_model("mobilenet_v2", "ssdlite", num_classes=5, backbone__width_mult=0.5)
     cfg = compose_train(["backbone.width_mult=0.5"])
     reference = build_from_configs(cfg.backbone, cfg.head, 5)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
     seg = mobilevision.build_model("mobilenet_v1", "deeplabv3", num_classes=21, overrides=["backbone.output_stride=16"])
     assert seg.backbone.output_stride == 16 and seg.eval()(torch.zeros(1, 3, 64, 64))["logits"].shape[1] == 21
     classifier = mobilevision.build_model("mobilenet_v2", None)
@@ -46,9 +47,11 @@ def test_a_checkpoint_predicts_what_tasks_predict_writes(artifacts, tmp_path):
     coco = result.to_coco()
     assert len(coco) == len(written) > 0
     for got, expected in zip(coco, written):
-        assert got["category_id"] == expected["category_id"] and got["score"] == pytest.approx(expected["score"], abs=1e-5)
+        assert got["category_id"] == expected["category_id"]
+        assert got["score"] == pytest.approx(expected["score"], abs=1e-5)
         assert got["bbox"] == pytest.approx(expected["bbox"], abs=1e-2)
-    assert np.array_equal(np.asarray(result.plot(score_threshold=0.3)), np.asarray(Image.open(tmp_path / f"{image_path.stem}.png")))
+    picture = Image.open(tmp_path / f"{image_path.stem}.png")
+    assert np.array_equal(np.asarray(result.plot(score_threshold=0.3)), np.asarray(picture))
 
 
 def test_paths_pil_and_numpy_give_the_same_result_and_batches_match_singles(artifacts):
