@@ -17,12 +17,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.datasets.check import check_dataset
 from tasks.errors import USER_ERRORS, user_errors_exit
 
 
-@hydra.main(config_path="../conf", config_name="check_data", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="check_data", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     if cfg.dataset.get("prepare") is not None:

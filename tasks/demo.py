@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
+from tasks.cli import CONFIG_DIR
 from tasks.segmentation.palette import overlay
 from tasks.train import train
 from tasks.training.trained import load_trained_model
@@ -28,7 +29,7 @@ DEMOS = (
 
 
 def run_demo(experiment: str, run_dir: Path, overrides: list[str] = ()) -> tuple[dict, float]:
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
     start = time.perf_counter()
     metrics = train(cfg, run_dir)

@@ -25,6 +25,13 @@ class Interrupted(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)
+# Set (with HYDRA_FULL_ERROR) by tasks.cli.run, which asks Hydra to raise so it can word Hydra's errors itself.
+HYDRA_RAISES_FOR_CLI = "MOBILEVISION_HYDRA_RAISES"
+
+
+def full_errors_wanted() -> bool:
+    """The user asked for tracebacks with HYDRA_FULL_ERROR=1 (not tasks.cli.run on their behalf)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(HYDRA_RAISES_FOR_CLI) != "1"
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,7 +43,7 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (*USER_ERRORS, MissingMandatoryValue, PermissionError, Interrupted, KeyboardInterrupt) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if full_errors_wanted():
                 raise
             print(f"error: {user_sentence(err)}", file=sys.stderr)
             sys.exit(130 if isinstance(err, (Interrupted, KeyboardInterrupt)) else 2)

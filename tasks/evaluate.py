@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.analysis.evaluation_report import for_report, normalisation, write_config, write_evaluation_report
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.resolve import instantiate_from_file
 from tasks.training import distributed as dist
@@ -55,7 +55,7 @@ def evaluate_checkpoint(checkpoint: str | Path, run_dir: str | Path, dataset_roo
     return metrics
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     if cfg.threads:

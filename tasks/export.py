@@ -12,13 +12,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.deploy.onnx_export import export_checkpoint
 from tasks.deploy.sidecar import read_sidecar, sidecar_path
 from tasks.errors import ConfigError, user_errors_exit
 
 
-@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     if cfg.format not in ("onnx", "weights"):

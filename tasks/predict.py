@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tasks.analysis.visualize import draw_detections, draw_mask
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.deploy.onnx_export import export_model
 from tasks.deploy.sidecar import model_metadata, read_sidecar, sidecar_path, write_json
 from tasks.errors import ConfigError, user_errors_exit
@@ -328,7 +328,7 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="predict", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     if cfg.threads:

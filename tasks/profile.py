@@ -20,7 +20,7 @@ from tasks.analysis.complexity import (
     eager_peak_memory,
     materialized_memory,
 )
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.training.model import build_model
 
 DEFAULT_CLASSES = {None: 1000, "detection": 80, "segmentation": 21}
@@ -83,7 +83,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../conf", config_name="profile", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="profile", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     report = profile(cfg)
     print(format_report(report))

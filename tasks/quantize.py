@@ -12,14 +12,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.deploy.int8 import QuantizationAccuracyError, format_table, loud_warning, quantize_checkpoint
 from tasks.errors import user_errors_exit
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="../conf", config_name="quantize", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="quantize", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     if cfg.threads:

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.cli import run
+from tasks.cli import CONFIG_DIR, run
 from tasks.datasets.check import check_dataset
 from tasks.errors import ConfigError, Interrupted, user_errors_exit
 from tasks.training import distributed as dist
@@ -20,8 +20,9 @@ from tasks.training.checkpoint import load_checkpoint, load_model_weights
 from tasks.training.config_checks import check_train_config
 from tasks.training.engine import Engine, EngineOptions
 from tasks.training.loaders import build_loader
+from tasks.training.loggers import build_loggers
 from tasks.training.model import build_model
-from tasks.training.optim import build_optimizer, build_scheduler
+from tasks.training.optim import build_optimizer, scheduler_from_config
 from tasks.training.rng import seed_everything
 from tasks.training.run_guard import check_resumable, interrupted_sentence, refuse_existing_checkpoints, run_lock
 
@@ -77,10 +78,10 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
     optimizer = build_optimizer(instantiate(cfg.optim.optimizer), model, cfg.optim.weight_decay,
                                 cfg.optim.norm_bias_decay)
     steps_per_epoch = len(train_loader)
-    schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
-    name, warmup_epochs = schedule.pop("name"), schedule.pop("warmup_epochs")
-    scheduler = build_scheduler(optimizer, name, cfg.epochs * steps_per_epoch,
-                                int(warmup_epochs * steps_per_epoch), **schedule)
+    scheduler = scheduler_from_config(optimizer, OmegaConf.to_container(cfg.schedule, resolve=True),
+                                      cfg.epochs * steps_per_epoch, steps_per_epoch)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.get("logger"), run_dir, config) if dist.is_main() and "logger" in cfg else None
 
     engine = Engine(model, optimizer, scheduler, train_loader, val_loader, val_set.evaluator, run_dir,
                     EngineOptions(epochs=cfg.epochs, eval_every=cfg.eval_every, clip_grad_norm=cfg.clip_grad_norm,
@@ -89,8 +90,7 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,
                                   max_bad_samples=cfg.max_bad_samples, report=cfg.report),
-                    device, config=OmegaConf.to_container(cfg, resolve=True),
-                    artifact=artifact_of_dataset(cfg, train_set))
+                    device, config=config, loggers=loggers, artifact=artifact_of_dataset(cfg, train_set))
     if cfg.resume:
         path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
         if path.exists() or cfg.resume is not True:
@@ -107,7 +107,17 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
             log.info("weights identical on all %d ranks at each of %d checks", dist.world_size(), engine.sync_checks)
         _plot_curves(engine.history, Path(run_dir) / "curves.png")
         log.info("checkpoints and logs in %s", run_dir)
-    return metrics
+    return TrainResult(metrics, primary=engine.primary_metric, best=engine.best_metric)
+
+
+class TrainResult(dict):
+    """The last evaluation's metrics, plus the primary metric's name and its best value over the run
+    (what best.ckpt holds, and what a Hydra sweeper optimises)."""
+
+    def __init__(self, metrics: dict[str, float], primary: str | None, best: float | None):
+        super().__init__(metrics)
+        self.primary = primary
+        self.best = best
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -118,14 +128,18 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plot_history(history, path)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
+    """Returns the best value of the primary validation metric (AP, mIoU): the objective of a sweep
+    (`-m hparams_search=...`)."""
     metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     if dist.is_main() and metrics:
         names = [k for k in metrics if "/" not in k]
         print("final metrics: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in names))
-    return None
+        if metrics.primary is not None and metrics.best is not None:
+            print(f"best {metrics.primary}={metrics.best:.4f}")
+    return metrics.best
 
 
 def cli() -> None:

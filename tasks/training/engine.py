@@ -62,7 +62,7 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
                  val_loader: DataLoader | None, evaluator_factory: Callable[[], Any], run_dir: str | Path,
-                 options: EngineOptions, device: torch.device, config: dict | None = None,
+                 options: EngineOptions, device: torch.device, config: dict | None = None, loggers: Any = None,
                  artifact: dict | None = None):
         self.options = options
         self.device = device
@@ -95,6 +95,7 @@ class Engine:
         self.skipped: dict[str, None] = {}  # distinct messages, in order
         self._writer = None
         self._evaluator = None  # the last evaluation's, read by its report
+        self.loggers = loggers  # tasks.training.loggers.Loggers; None = TensorBoard only, as before
 
     # -- logging ---------------------------------------------------------------------------------
     @property
@@ -105,14 +106,20 @@ class Engine:
         return self._writer
 
     def _scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
+        if self.loggers is not None:
+            if dist.is_main():
+                self.loggers.log_scalars(prefix, values, step)
+        elif self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     def _log_images(self, images: dict, step: int) -> None:
-        """tag -> PIL image or uint8 [H, W, 3] array, as TensorBoard images."""
-        if self.writer is not None:
+        """tag -> PIL image or uint8 [H, W, 3] array, to every logger that takes pictures."""
+        if self.loggers is not None:
+            if dist.is_main():
+                self.loggers.log_images(images, step)
+        elif self.writer is not None:
             import numpy as np
 
             for tag, image in images.items():
@@ -193,6 +200,8 @@ class Engine:
                 self.save("last.ckpt")
         if self._writer is not None:
             self._writer.close()
+        if self.loggers is not None and dist.is_main():
+            self.loggers.close()
         return last_metrics
 
     def _autocast(self):
