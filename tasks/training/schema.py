@@ -25,7 +25,7 @@ class TrainSchema:
     eval_every: int = 1
     clip_grad_norm: float | None = None
     amp: str | None = None
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
     ema_decay: float | None = None
     sync_bn: bool = False
@@ -33,6 +33,7 @@ class TrainSchema:
     check_sync_every: int = 0
     check_data: bool = True
     max_bad_samples: int = 10
+    report: bool = True
     deterministic: bool = False
     log_every: int = 20
     progress: bool = True
