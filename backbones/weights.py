@@ -33,6 +33,27 @@ IMAGENET_DEFAULTS = {
 }
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# What each family's published weights were trained with: (mean, std, activation). The backbone
+# configs read it (conf/backbone/*.yaml) so the dataset transforms and every export follow the weights.
+PREPROCESSING = {
+    "torchvision": (IMAGENET_MEAN, IMAGENET_STD, "relu6"),
+    "timm": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "relu6"),
+}
+PUBLISHED_FAMILY = {"MobileNetV2": "torchvision", "MobileNetV1": "timm"}
+
+
+def weights_preprocessing(source: str | None, backbone_class: str, default_act: str = "relu"
+                          ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, activation) that the weights `source` expect; ImageNet statistics and `default_act`
+    when training from scratch or from a local file (whose training is not known from its name)."""
+    scheme = str(source).partition(":")[0] if source else ""
+    family = PUBLISHED_FAMILY.get(backbone_class) if scheme == "imagenet" else scheme
+    if family in PREPROCESSING:
+        return PREPROCESSING[family]
+    return IMAGENET_MEAN, IMAGENET_STD, default_act
+
 # The layout each family was trained with, and the backbone class it converts into.
 FAMILIES = {
     "torchvision": ("torchvision's MobileNetV2", "MobileNetV2", nn.ReLU6),

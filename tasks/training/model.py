@@ -12,6 +12,9 @@ from torch import nn
 from backbones import Backbone, ImageClassifier
 
 
+PREPROCESSING_KEYS = ("mean", "std")  # the weights' input normalisation: read by the dataset transforms
+
+
 class BackboneWithHead(nn.Module):
     """`forward(images)` runs the backbone then the head; loss and decoding belong to the head."""
 
@@ -39,7 +42,7 @@ def _plain(cfg: Any) -> Any:
 
 
 def build_backbone(backbone_cfg: Mapping, out_features: Sequence[str] | None = None) -> Backbone:
-    cfg = _plain(backbone_cfg)
+    cfg = {k: v for k, v in _plain(backbone_cfg).items() if k not in PREPROCESSING_KEYS}
     if out_features is not None:
         cfg["out_features"] = list(out_features)
     return hydra.utils.instantiate(cfg)
