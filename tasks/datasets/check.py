@@ -92,9 +92,9 @@ def check_dataset(dataset_cfg: Any, decode_images: bool = False, max_examples: i
     for name, target, args in splits:
         layout = LAYOUTS[target][1]
         if layout == "coco":
+            expected = num_classes if task == "detection" and not args.get("class_names") else None  # a subset
             report.splits.append(check_coco(name, Path(str(args["image_dir"])), Path(str(args["ann_file"])),
-                                             decode_images, probs,
-                                             num_classes if task == "detection" and not args.get("class_names") else None))
+                                             decode_images, probs, expected))
         elif layout == "voc_det":
             root = args["root"]
             roots = [Path(str(root))] if isinstance(root, str) else [Path(str(r)) for r in root]
