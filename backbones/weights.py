@@ -11,9 +11,11 @@ torchvision's weights expect ImageNet mean/std (V2: resize 232, crop 224); timm'
 from __future__ import annotations
 
 import re
+import socket
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -32,6 +34,27 @@ IMAGENET_DEFAULTS = {
     ("MobileNetV1", 1.25): "timm:mobilenetv1_125",
 }
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# What each family's published weights were trained with: (mean, std, activation). The backbone
+# configs read it (conf/backbone/*.yaml) so the dataset transforms and every export follow the weights.
+PREPROCESSING = {
+    "torchvision": (IMAGENET_MEAN, IMAGENET_STD, "relu6"),
+    "timm": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "relu6"),
+}
+PUBLISHED_FAMILY = {"MobileNetV2": "torchvision", "MobileNetV1": "timm"}
+
+
+def weights_preprocessing(source: str | None, backbone_class: str, default_act: str = "relu"
+                          ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, activation) that the weights `source` expect; ImageNet statistics and `default_act`
+    when training from scratch or from a local file (whose training is not known from its name)."""
+    scheme = str(source).partition(":")[0] if source else ""
+    family = PUBLISHED_FAMILY.get(backbone_class) if scheme == "imagenet" else scheme
+    if family in PREPROCESSING:
+        return PREPROCESSING[family]
+    return IMAGENET_MEAN, IMAGENET_STD, default_act
 
 # The layout each family was trained with, and the backbone class it converts into.
 FAMILIES = {
@@ -178,19 +201,11 @@ def _read_source(source: str, label: str) -> dict[str, torch.Tensor]:
     if scheme == "torchvision" and name:
         if name not in TORCHVISION_WEIGHTS:
             raise ValueError(_unknown(source))
-        import torchvision
-
-        weights = torchvision.models.MobileNet_V2_Weights[name]
-        return dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
+        return _torchvision_state(source, name)
     if scheme == "timm" and name:
         if name not in TIMM_MODELS:
             raise ValueError(_unknown(source))
-        try:
-            import timm
-        except ImportError:
-            raise ImportError(f"loading {source} needs timm, which is not installed; install "
-                              f"mobilevision[timm] (pip install 'mobilevision[timm]').") from None
-        return dict(timm.create_model(name, pretrained=True).state_dict())
+        return _timm_state(source, name)
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path, label)
@@ -198,6 +213,81 @@ def _read_source(source: str, label: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{label} does not exist; expected a local weights file or one of "
                                 f"{', '.join(SOURCES)}.")
     raise ValueError(_unknown(source))
+
+
+NETWORK_TIMEOUT_S = 3.0  # one connection attempt; offline, nothing retries for longer than this
+HF_HUB = "https://huggingface.co"
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """Published weights that are neither in the local cache nor downloadable (offline, blocked)."""
+
+
+def _unreachable(url: str) -> str | None:
+    """None when a TCP connection to the url's host opens within NETWORK_TIMEOUT_S; else why not."""
+    parts = urlparse(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=NETWORK_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"{type(err).__name__}: {' '.join(str(err).split()) or 'no answer'}"
+
+
+def _unavailable(source: str, where: str, cache: Path | str, why: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"pretrained={source}: the weights could not be downloaded from {where} ({why}) and are not in the "
+        f"local cache {cache}; put the file there, or download it elsewhere and pass it as "
+        f"backbone.pretrained=/path/to/weights.pth (or .safetensors).")
+
+
+def torchvision_location(name: str) -> tuple[str, Path]:
+    """(download url, local cache file) of torchvision's MobileNetV2 weights `name`."""
+    import torchvision
+
+    url = torchvision.models.MobileNet_V2_Weights[name].url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _torchvision_state(source: str, name: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    url, cache = torchvision_location(name)
+    if not cache.is_file() and (why := _unreachable(url)):
+        raise _unavailable(source, url, cache, why)
+    try:
+        weights = torchvision.models.MobileNet_V2_Weights[name]
+        return dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
+    except (OSError, RuntimeError) as err:  # URLError, a dropped connection, a hash mismatch
+        raise _unavailable(source, url, cache, f"{type(err).__name__}: {' '.join(str(err).split())}") from None
+
+
+def timm_location(name: str) -> tuple[str, Path]:
+    """(Hugging Face hub id, local cache folder) of timm's weights `name`."""
+    import timm
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+    return hub_id, Path(HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
+
+
+def _timm_state(source: str, name: str) -> dict[str, torch.Tensor]:
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"loading {source} needs timm, which is not installed; install "
+                          f"mobilevision[timm] (pip install 'mobilevision[timm]').") from None
+    hub_id, cache = timm_location(name)
+    cached = sorted([*cache.glob("snapshots/*/model.safetensors"), *cache.glob("snapshots/*/pytorch_model.bin")])
+    if cached:  # read straight from the cache: the hub would still ask the network for the latest revision
+        return _read_file(cached[-1], f"checkpoint {cached[-1]}")
+    if why := _unreachable(HF_HUB):
+        raise _unavailable(source, f"the Hugging Face hub ({hub_id})", cache, why)
+    try:
+        return dict(timm.create_model(name, pretrained=True).state_dict())
+    except (OSError, RuntimeError) as err:
+        raise _unavailable(source, f"the Hugging Face hub ({hub_id})", cache,
+                           f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
 
 
 def _unknown(source: str) -> str:

@@ -177,7 +177,8 @@ class Preprocessor:
             valid = self.input_size
         else:
             tensor = self.transform(image, np.zeros((h, w), np.uint8))[0]
-            valid = eval_valid_size(h, w, self.input_size[0])
+            valid_size = getattr(self.transform, "valid_size", None)  # base_size: the longer side resized to it
+            valid = valid_size(h, w) if valid_size is not None else eval_valid_size(h, w, self.input_size[0])
         if tuple(tensor.shape[-2:]) != self.input_size:
             raise ValueError(f"the val transforms made a {tuple(tensor.shape[-2:])} input of a {h}x{w} image; "
                              f"the model takes {self.input_size}.")

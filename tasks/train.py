@@ -17,7 +17,7 @@ from tasks.errors import ConfigError, Interrupted, user_errors_exit
 from tasks.training import distributed as dist
 from tasks.training.artifact import artifact_of_dataset
 from tasks.training.checkpoint import load_checkpoint, load_model_weights
-from tasks.training.config_checks import check_train_config
+from tasks.training.config_checks import check_train_config, preprocessing_mismatch
 from tasks.training.engine import Engine, EngineOptions
 from tasks.training.loaders import build_loader
 from tasks.training.loggers import build_loggers
@@ -25,6 +25,7 @@ from tasks.training.model import build_model
 from tasks.training.optim import build_optimizer, scheduler_from_config
 from tasks.training.rng import seed_everything
 from tasks.training.run_guard import check_resumable, interrupted_sentence, refuse_existing_checkpoints, run_lock
+from tasks.training.scaling import scaled_lr, use_sync_bn
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ def build_datasets(cfg: DictConfig):
             log.warning("dataset check: %s", problem.message)
         report.raise_if_fatal()
     train_set, val_set = instantiate(cfg.dataset.train), instantiate(cfg.dataset.val)
+    names = cfg.dataset.get("class_names")
+    if names is not None and list(train_set.class_names) != list(names):
+        raise ConfigError(f"dataset.class_names={list(names)} is not what dataset.train reads "
+                          f"({list(train_set.class_names)[:10]}); set class names with a *_custom dataset "
+                          f"(dataset=voc_det_custom, coco_custom or voc_seg_custom), whose splits use them.")
     if train_set.num_classes != cfg.dataset.num_classes:
         raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the training annotations "
                           f"define {train_set.num_classes} classes; set dataset.num_classes={train_set.num_classes}.")
@@ -49,6 +55,8 @@ def build_datasets(cfg: DictConfig):
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     check_train_config(cfg)
     device = dist.init_from_env()
+    if (mismatch := preprocessing_mismatch(cfg)) and dist.is_main():
+        log.warning(mismatch)
     run_dir = dist.all_gather_objects(str(run_dir))[0]  # every rank writes (if at all) where rank 0 does
     refuse_existing_checkpoints(run_dir, cfg.resume)
     with run_lock(run_dir) if dist.is_main() else contextlib.nullcontext():
@@ -63,10 +71,21 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
     seed_everything(cfg.seed)  # same initial weights on every rank
     train_set, val_set = build_datasets(cfg)
 
-    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
+    backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+    if cfg.init_from and backbone_cfg.get("pretrained"):  # the checkpoint replaces every backbone weight
+        log.info("init_from is set: backbone.pretrained=%s is not loaded", backbone_cfg["pretrained"])
+        backbone_cfg["pretrained"] = None
+    model = build_model(backbone_cfg, cfg.head, cfg.dataset.num_classes)
     if cfg.init_from:
-        load_model_weights(model, load_checkpoint(cfg.init_from), cfg.init_from, cfg.dataset.num_classes)
-    if dist.is_distributed() and cfg.sync_bn:
+        fresh = load_model_weights(model, load_checkpoint(cfg.init_from), cfg.init_from, cfg.dataset.num_classes,
+                                   reinit_head_mismatches=True)
+        if fresh and dist.is_main():
+            log.info("init_from %s: %d tensors whose shapes no longer fit were re-initialised: %s",
+                     cfg.init_from, len(fresh), ", ".join(fresh))
+    if use_sync_bn(cfg.sync_bn, cfg.batch_size, dist.world_size()):
+        if cfg.sync_bn == "auto":
+            log.info("sync_bn=auto: SyncBatchNorm on (%d images per process over %d processes)",
+                     cfg.batch_size, dist.world_size())
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if dist.is_distributed():
@@ -75,7 +94,12 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
 
     train_loader = build_loader(train_set, cfg.batch_size, True, cfg.num_workers, cfg.seed)
     val_loader = build_loader(val_set, cfg.eval_batch_size, False, cfg.num_workers, cfg.seed)
-    optimizer = build_optimizer(instantiate(cfg.optim.optimizer), model, cfg.optim.weight_decay,
+    lr = scaled_lr(cfg.optim.optimizer.lr, cfg.batch_size, dist.world_size(), cfg.optim.get("reference_batch"))
+    if dist.is_main():
+        log.info("learning rate %.6g (optim.optimizer.lr=%g for a global batch of %s; this run's is %d x %d)", lr,
+                 cfg.optim.optimizer.lr, cfg.optim.get("reference_batch") or "any size", cfg.batch_size,
+                 dist.world_size())
+    optimizer = build_optimizer(instantiate(cfg.optim.optimizer, lr=lr), model, cfg.optim.weight_decay,
                                 cfg.optim.norm_bias_decay)
     steps_per_epoch = len(train_loader)
     scheduler = scheduler_from_config(optimizer, OmegaConf.to_container(cfg.schedule, resolve=True),

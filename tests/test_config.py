@@ -6,6 +6,7 @@ import sys
 import pytest
 from helpers import ROOT, compose_train
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from backbones import MobileNetV1, MobileNetV2
 from tasks.analysis.complexity import count_complexity
@@ -19,6 +20,11 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(experiment):
     cfg = compose_train([f"experiment={experiment}", "backbone.pretrained=null"])
+    if str(OmegaConf.to_container(cfg.dataset, resolve=False).get("class_names", "")).startswith("${mv."):
+        # the user's own data: the classes are read from dataset.root, or given once
+        cfg = compose_train([f"experiment={experiment}", "backbone.pretrained=null",
+                             "dataset.class_names=[background,thing]"])
+        assert cfg.dataset.num_classes == 2
     model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
     assert cfg.head.task == cfg.dataset.task
     assert sum(p.numel() for p in model.parameters()) > 0

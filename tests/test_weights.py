@@ -199,6 +199,7 @@ def test_missing_file_and_unreadable_file(tmp_path):
 
 @torch.no_grad()
 def test_torchvision_by_name_uses_torchvisions_weights_api(tv_files, monkeypatch):
+    monkeypatch.setattr("backbones.weights._unreachable", lambda url: None)  # as if online
     peer, _ = tv_files[1.0]
     calls = []
 
@@ -216,6 +217,7 @@ def test_torchvision_by_name_uses_torchvisions_weights_api(tv_files, monkeypatch
 @torch.no_grad()
 def test_timm_by_name_uses_timm_and_says_how_to_install_it(timm_files, monkeypatch):
     timm = pytest.importorskip("timm")
+    monkeypatch.setattr("backbones.weights._unreachable", lambda url: None)  # as if online
     peer, _ = timm_files["mobilenetv1_100"]
 
     def fake_create_model(name, pretrained=False, **kwargs):
@@ -280,6 +282,7 @@ def test_imagenet_alias_picks_each_backbones_published_weights(tv_files, timm_fi
     """`pretrained: imagenet` survives a backbone swap: V2 -> torchvision, V1 -> timm."""
     import torchvision
 
+    monkeypatch.setattr("backbones.weights._unreachable", lambda url: None)  # as if online
     tv_peer, _ = tv_files[1.0]
     monkeypatch.setattr(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1, "get_state_dict",
                         lambda *a, **k: tv_peer.state_dict(), raising=False)

@@ -46,7 +46,11 @@ def _split_args(node: DictConfig, split: str) -> tuple[str, dict]:
     if OmegaConf.is_missing(node, "root"):
         raise ConfigError("dataset.root is not set; expected dataset.root=/path/to/the/data.")
     try:
-        args = OmegaConf.to_container(node[split], resolve=True)
+        split_node = node[split]
+        # transforms are left out: they interpolate the backbone's mean/std, absent from check_data's config
+        args = ({key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                 for key, value in split_node.items() if key != "transforms"}
+                if OmegaConf.is_dict(split_node) else split_node)
     except OmegaConfBaseException as err:
         raise ConfigError(f"dataset.{split} cannot be resolved ({describe_error(err)}); expected a dataset=... config "
                           f"whose paths are set.") from None
@@ -93,8 +97,9 @@ def check_dataset(dataset_cfg: Any, decode_images: bool = False, max_examples: i
     for name, target, args in splits:
         layout = LAYOUTS[target][1]
         if layout == "coco":
+            expected = num_classes if task == "detection" and not args.get("class_names") else None  # a subset
             report.splits.append(check_coco(name, Path(str(args["image_dir"])), Path(str(args["ann_file"])),
-                                             decode_images, probs, num_classes if task == "detection" else None))
+                                             decode_images, probs, expected))
         elif layout == "voc_det":
             root = args["root"]
             roots = [Path(str(root))] if isinstance(root, str) else [Path(str(r)) for r in root]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,11 @@ class CocoDetection(Dataset):
     """COCO detection: contiguous labels 0..K-1 in category-id order, crowd boxes left out of the targets
     (COCOeval handles them from the json), images without boxes kept, xywh -> clipped xyxy, boxes with no
     width or height after clipping dropped. `train` is recorded for the engine; targets are the same in
-    both modes because evaluation reads the ground truth from the json itself."""
+    both modes because evaluation reads the ground truth from the json itself.
+
+    `class_names` keeps only those categories (by name, in that order; other objects are left out and
+    not scored). `holdout="train"|"val"` takes that part of a seeded split of the json's images
+    (`val_fraction` of them for val), for a dataset that comes as one json."""
 
     def __init__(
         self,
@@ -60,6 +64,10 @@ class CocoDetection(Dataset):
         ann_file: str | Path,
         transforms: DetectionTransformFn | None = None,
         train: bool = True,
+        class_names: Sequence[str] | None = None,
+        holdout: str | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
     ):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -76,10 +84,15 @@ class CocoDetection(Dataset):
             cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
             if not cats:
                 raise DataError(f"{self.ann_file} lists no categories; expected COCO 'categories' entries.")
+            if class_names is not None:
+                cats = _select_categories(cats, class_names, self.ann_file)
             self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
             self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
             self.class_names: list[str] = [str(c["name"]) for c in cats]
             self.image_ids: list[int] = sorted(int(i) for i in self.coco.imgs)
+        self.all_categories = class_names is None
+        if holdout is not None:
+            self.image_ids = holdout_split(self.image_ids, holdout, val_fraction, split_seed, self.ann_file)
         self.num_classes = len(cats)
         self.transforms: DetectionTransformFn = transforms if transforms is not None else normalise_only
         self.train = bool(train)
@@ -106,6 +119,8 @@ class CocoDetection(Dataset):
                     f"{self.ann_file}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h]."
                 )
             cat = int(ann["category_id"])
+            if cat not in self.cat_id_to_label and not self.all_categories:
+                continue  # a category left out by class_names
             if cat not in self.cat_id_to_label:
                 raise DataError(
                     f"{self.ann_file}: annotation {ann.get('id')} has category_id {cat}, "
@@ -141,3 +156,23 @@ class CocoDetection(Dataset):
 
     def evaluator(self) -> CocoEvaluator:
         return CocoEvaluator(self.coco, self.label_to_cat_id)
+
+
+def _select_categories(cats: list[dict], class_names: Sequence[str], ann_file: Path) -> list[dict]:
+    by_name = {str(c["name"]): c for c in cats}
+    missing = [n for n in class_names if str(n) not in by_name]
+    if missing or not class_names:
+        raise DataError(f"dataset.class_names names {missing or 'no classes'}, which {ann_file} does not "
+                        f"define; expected names from its categories ({', '.join(sorted(by_name))}).")
+    return [by_name[str(n)] for n in class_names]
+
+
+def holdout_split(image_ids: list[int], part: str, val_fraction: float, seed: int, ann_file: Path) -> list[int]:
+    """A seeded, reproducible train/val split of one json's images (val gets round(n * val_fraction))."""
+    if part not in ("train", "val") or not 0.0 < float(val_fraction) < 1.0:
+        raise DataError(f"{ann_file}: holdout={part!r} with val_fraction={val_fraction}; expected train or val "
+                        f"and a fraction strictly between 0 and 1.")
+    order = np.random.default_rng(seed).permutation(len(image_ids))
+    num_val = min(max(1, round(len(image_ids) * float(val_fraction))), len(image_ids) - 1)
+    chosen = order[:num_val] if part == "val" else order[num_val:]
+    return sorted(image_ids[i] for i in chosen)

@@ -131,6 +131,7 @@ class CocoEvaluator(DetectionErrors):
                 coco_dt = self.coco_gt.loadRes([dict(r) for r in self._results])
                 coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
                 coco_eval.params.imgIds = sorted(self._image_ids)
+                coco_eval.params.catIds = sorted(self.label_to_cat_id)  # a class_names subset is scored alone
                 coco_eval.evaluate()
                 coco_eval.accumulate()
             self._coco_eval = coco_eval

@@ -134,4 +134,33 @@ def multiscale_flip_logits(model_fn: Callable[[torch.Tensor], torch.Tensor], ima
     return total / count
 
 
-__all__ = ["ConfusionMatrix", "multiscale_flip_logits"]
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): every `stride`, the last one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+@torch.no_grad()
+def sliding_window_logits(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, window: int,
+                          overlap: float = 1 / 3) -> torch.Tensor:
+    """Logits [B, K, H, W] of an input larger than the training crop, from `window` x `window` tiles
+    (overlapping by `overlap`; each tile's logits resized to the tile, overlaps averaged), so every
+    pixel is seen at the scale the model was trained at."""
+    height, width = images.shape[-2:]
+    stride = max(1, int(window * (1 - overlap)))
+    total, count = None, torch.zeros(1, 1, height, width, device=images.device)
+    for top in window_starts(height, window, stride):
+        for left in window_starts(width, window, stride):
+            tile = images[..., top:top + window, left:left + window]
+            logits = F.interpolate(model_fn(tile).float(), size=tile.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            if total is None:
+                total = images.new_zeros(images.shape[0], logits.shape[1], height, width, dtype=torch.float32)
+            total[..., top:top + window, left:left + window] += logits
+            count[..., top:top + window, left:left + window] += 1
+    return total / count
+
+
+__all__ = ["ConfusionMatrix", "multiscale_flip_logits", "sliding_window_logits"]

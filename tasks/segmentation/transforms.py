@@ -5,6 +5,12 @@ normalised; mask with ignore) -> random crop -> horizontal flip -> optional phot
 Eval: shrink the longer side to the crop size only when the image is larger, then pad bottom/right to
 the crop size, so the image sits at the top-left, unresized, as DeepLab evaluates VOC at 513.
 Masks are always resampled nearest-neighbour.
+
+With `base_size` (photos of any size, e.g. the user's own): train and eval first resize the longer side
+to base_size, so both see the same scale distribution whatever the photo size; training then applies
+the random scale and crop, evaluation pads to max(crop, base) and keeps the ORIGINAL mask, so mIoU is
+scored at the photo's own resolution (the prediction is resized back; `valid_size` says from where),
+and a base larger than the crop is evaluated by sliding a crop-sized window.
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ class SegmentationTransform:
     """
 
     def __init__(self, crop_size: int, train: bool, pipeline: A.Compose, shrink: A.BasicTransform | None,
-                 seed: int | None):
+                 seed: int | None, base_size: int | None = None):
         self.crop_size = crop_size
+        self.base_size = base_size
         self.train = train
         self.pipeline = pipeline
         self.shrink = shrink
@@ -83,12 +90,31 @@ class SegmentationTransform:
                 raise ValueError(f"mask values must be in 0..255; got {mask.min()}..{mask.max()}.")
             mask = mask.astype(np.uint8)
         self._reseed_in_worker()
-        if self.shrink is not None and max(image.shape[:2]) > self.crop_size:
+        original = mask
+        if self.base_size is not None:
+            height, width = self.valid_size(*image.shape[:2])
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        elif self.shrink is not None and max(image.shape[:2]) > self.crop_size:
             out = self.shrink(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         out = self.pipeline(image=image, mask=mask)
         tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        if self.keeps_original_mask:
+            out["mask"] = original
         return tensor, torch.from_numpy(np.ascontiguousarray(out["mask"])).to(torch.int64)
+
+    @property
+    def keeps_original_mask(self) -> bool:
+        """Eval with base_size: the mask comes back at the photo's own size, to be scored there."""
+        return self.base_size is not None and not self.train
+
+    def valid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) a (height, width) image has in the input (eval: its top-left region)."""
+        if self.base_size is None:
+            return eval_valid_size(height, width, self.crop_size)
+        scale = self.base_size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def build_segmentation_transforms(
@@ -101,14 +127,18 @@ def build_segmentation_transforms(
     std: Sequence[float] = IMAGENET_STD,
     ignore_index: int = 255,
     seed: int | None = None,
+    base_size: int | None = None,
 ) -> SegmentationTransform:
     if crop_size < 1:
         raise ValueError(f"crop_size={crop_size} must be a positive number of pixels.")
+    if base_size is not None and int(base_size) < 1:
+        raise ValueError(f"base_size={base_size} must be a positive number of pixels (or null: native size).")
     low, high = (float(s) for s in scale_range)
     if not 0 < low <= high:
         raise ValueError(f"scale_range={list(scale_range)} must be (low, high) with 0 < low <= high.")
     fill = tuple(float(round(m * 255)) for m in mean)  # the mean colour: 0 after normalising
-    pad = A.PadIfNeeded(crop_size, crop_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+    canvas = crop_size if train or base_size is None else max(crop_size, int(base_size))
+    pad = A.PadIfNeeded(canvas, canvas, position="top_left", border_mode=cv2.BORDER_CONSTANT,
                         fill=fill, fill_mask=ignore_index)
     normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
     if train:
@@ -129,7 +159,8 @@ def build_segmentation_transforms(
                                   mask_interpolation=cv2.INTER_NEAREST, p=1.0)
     steps.append(normalize)
     pipeline = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
-    return SegmentationTransform(crop_size, train, pipeline, shrink, seed)
+    return SegmentationTransform(crop_size, train, pipeline, shrink, seed,
+                                 None if base_size is None else int(base_size))
 
 
 __all__ = ["build_segmentation_transforms", "SegmentationTransform", "eval_valid_size", "IMAGENET_MEAN",

@@ -166,6 +166,9 @@ class VOCSegmentation(Dataset):
         tensor, mask_t = self.transforms(image, mask)
         target = {"mask": mask_t, "image_id": self.ids[index],
                   "orig_size": torch.tensor(image.shape[:2], dtype=torch.int64)}
+        if getattr(self.transforms, "keeps_original_mask", False):  # scored at the photo's own resolution
+            target["valid_size"] = torch.tensor(self.transforms.valid_size(*image.shape[:2]), dtype=torch.int64)
+            target["window"] = self.transforms.crop_size
         return tensor, target
 
     def evaluator(self) -> ConfusionMatrix:

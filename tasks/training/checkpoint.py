@@ -61,23 +61,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path,
-                       num_classes: int | None = None) -> None:
+                       num_classes: int | None = None, reinit_head_mismatches: bool = False) -> list[str]:
     """Load `state["model"]` into `model`, or fail with one sentence naming the first key that does not fit
-    (and the class counts, when the checkpoint was trained for another number of classes)."""
+    (and the class counts, when the checkpoint was trained for another number of classes).
+
+    `reinit_head_mismatches` (fine-tuning with init_from): head tensors whose shapes differ (the class
+    predictors of a checkpoint trained on other classes) keep the model's fresh initialisation instead;
+    their names are returned. The backbone must still fit exactly."""
     weights, own = state["model"], model.state_dict()
     trained_classes = (state.get("config") or {}).get("dataset", {}).get("num_classes")
     why = ""
     if num_classes is not None and trained_classes is not None and trained_classes != num_classes:
         why = f" (it was trained for num_classes={trained_classes}, this model has num_classes={num_classes})"
+    reinitialised = []
     for key, tensor in own.items():
         if key not in weights:
             raise CheckpointError(f"checkpoint {path} does not fit the model{why}: the model's {key} "
                                   f"is not in it.")
         if weights[key].shape != tensor.shape:
+            if reinit_head_mismatches and key.startswith("head."):
+                reinitialised.append(key)
+                continue
             raise CheckpointError(f"checkpoint {path} does not fit the model{why}: {key} is "
                                   f"{list(weights[key].shape)} in the checkpoint but {list(tensor.shape)} "
                                   f"in the model.")
     extra = [k for k in weights if k not in own]
     if extra:
         raise CheckpointError(f"checkpoint {path} does not fit the model{why}: its {extra[0]} has no place in it.")
-    model.load_state_dict(weights)
+    model.load_state_dict({k: own[k] if k in reinitialised else v for k, v in weights.items()})
+    return reinitialised

@@ -67,3 +67,20 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.dataset.get("prepare") is None and root is not None and not Path(str(root)).exists():
         raise ConfigError(f"dataset.root={cfg.dataset.root} does not exist; expected the folder of the "
                           f"{_choice('dataset')} dataset (set dataset.root=/path/to/it).")
+
+
+def preprocessing_mismatch(cfg: DictConfig) -> str | None:
+    """One sentence when the dataset transforms normalise differently from what the backbone weights
+    expect (a user's override of dataset.*.transforms.mean/std); None when they agree."""
+    expected = {"mean": cfg.backbone.get("mean"), "std": cfg.backbone.get("std")}
+    if expected["mean"] is None or expected["std"] is None:
+        return None
+    for split in ("train", "val"):
+        transforms = (cfg.dataset.get(split) or {}).get("transforms") or {}
+        for key, value in expected.items():
+            found = transforms.get(key)
+            if found is not None and [round(float(v), 6) for v in found] != [round(float(v), 6) for v in value]:
+                return (f"dataset.{split}.transforms.{key}={list(found)} differs from the {key} "
+                        f"{list(value)} that backbone.pretrained={cfg.backbone.get('pretrained')} expects, so the "
+                        f"weights see inputs they were not trained on; remove the override unless that is intended.")
+    return None

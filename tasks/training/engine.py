@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tasks.errors import DataError
 from tasks.training import distributed as dist
 from tasks.training.checkpoint import load_checkpoint, save_checkpoint
+from tasks.training.ema import warmup_ema_multi_avg_fn
 from tasks.training.evaluation import AMP_DTYPES, evaluate, to_device, unwrap
 from tasks.training.loaders import set_loader_epoch
 from tasks.training.rng import rng_state, set_rng_state
@@ -45,7 +46,7 @@ class EngineOptions:
     amp: str | None = None               # None, "bf16" or "fp16" (fp16 only on GPU, with a grad scaler)
     channels_last: bool = False
     compile: bool = False
-    ema_decay: float | None = None       # e.g. 0.9998; the EMA is what gets evaluated and saved as best
+    ema_decay: float | None = None       # e.g. 0.9998, warmed up (ema.py); the EMA is evaluated and saved as best
     checkpoint_every_steps: int = 0      # also write last.ckpt inside an epoch (for exact resume)
     check_sync_every: int = 0            # DDP: compare the ranks' weights bit for bit every N steps
     max_bad_samples: int = 10            # unreadable files skipped (with a warning) before the run stops
@@ -70,7 +71,7 @@ class Engine:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.forward_model = torch.compile(model) if options.compile else model
-        self.ema = (AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay),
+        self.ema = (AveragedModel(unwrap(model), multi_avg_fn=warmup_ema_multi_avg_fn(options.ema_decay),
                                   use_buffers=True) if options.ema_decay else None)
         self.optimizer = optimizer
         self.scheduler = scheduler

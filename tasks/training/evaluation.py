@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tasks.segmentation.metrics import multiscale_flip_logits
+from tasks.segmentation.metrics import multiscale_flip_logits, sliding_window_logits
 from tasks.training import distributed as dist
 from tasks.training.loaders import set_loader_epoch
 
@@ -38,6 +38,12 @@ def prediction_sizes(targets: list[dict]) -> list[tuple[int, int]]:
             for t in targets]
 
 
+def _sliding_window(targets: list[dict], images: torch.Tensor) -> int | None:
+    """The training crop size when a segmentation input is larger than it (evaluated window by window)."""
+    window = targets[0].get("window") if targets else None
+    return int(window) if window and max(images.shape[-2:]) > int(window) else None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch.device,
              progress: bool = True, amp: str | None = None, channels_last: bool = False,
@@ -56,13 +62,20 @@ def evaluate(model: nn.Module, loader: DataLoader, evaluator: Any, device: torch
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        window = _sliding_window(targets, images)
         with autocast:
             if multiscale_flip:
                 outputs = {"logits": multiscale_flip_logits(lambda x: net(x)["logits"], images, multiscale_flip)}
+            elif window:
+                outputs = {"logits": sliding_window_logits(lambda x: net(x)["logits"], images, window)}
             else:
                 outputs = net(images)
         outputs = {k: v.float() if torch.is_tensor(v) else v for k, v in outputs.items()}
-        predictions = net.predict(outputs, prediction_sizes(targets))
+        if targets and "valid_size" in targets[0]:  # segmentation scored against the original-resolution mask
+            predictions = net.predict(outputs, prediction_sizes(targets), input_size=tuple(images.shape[-2:]),
+                                      valid_sizes=[tuple(int(v) for v in t["valid_size"]) for t in targets])
+        else:
+            predictions = net.predict(outputs, prediction_sizes(targets))
         predictions = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()} for p in predictions]
         evaluator.update(targets, predictions)
         skipped = [m for t in targets for m in t.get("skipped", ())]

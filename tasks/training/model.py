@@ -10,6 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from backbones import Backbone, ImageClassifier
+from tasks.resolve import instantiate_node
+
+PREPROCESSING_KEYS = ("mean", "std")  # the weights' input normalisation: read by the dataset transforms
 
 
 class BackboneWithHead(nn.Module):
@@ -39,10 +42,10 @@ def _plain(cfg: Any) -> Any:
 
 
 def build_backbone(backbone_cfg: Mapping, out_features: Sequence[str] | None = None) -> Backbone:
-    cfg = _plain(backbone_cfg)
+    cfg = {k: v for k, v in _plain(backbone_cfg).items() if k not in PREPROCESSING_KEYS}
     if out_features is not None:
         cfg["out_features"] = list(out_features)
-    return hydra.utils.instantiate(cfg)
+    return instantiate_node(cfg)  # a missing or offline weights file stays one sentence (exit 2)
 
 
 def build_model(backbone_cfg: Mapping, head_cfg: Mapping | None, num_classes: int) -> nn.Module:

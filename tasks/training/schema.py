@@ -28,7 +28,7 @@ class TrainSchema:
     channels_last: bool = True
     compile: bool = False
     ema_decay: float | None = None
-    sync_bn: bool = False
+    sync_bn: Any = "auto"             # true, false or "auto" (on when the per-process batch is small)
     checkpoint_every_steps: int = 0
     check_sync_every: int = 0
     check_data: bool = True
