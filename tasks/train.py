@@ -43,7 +43,7 @@ def build_datasets(cfg: DictConfig):
     return train_set, val_set
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     check_train_config(cfg)
     device = dist.init_from_env()
     run_dir = dist.all_gather_objects(str(run_dir))[0]  # every rank writes (if at all) where rank 0 does
