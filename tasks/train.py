@@ -52,7 +52,7 @@ def build_datasets(cfg: DictConfig):
     return train_set, val_set
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     check_train_config(cfg)
     device = dist.init_from_env()
     if (mismatch := preprocessing_mismatch(cfg)) and dist.is_main():
