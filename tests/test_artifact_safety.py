@@ -167,6 +167,7 @@ def test_the_onnx_runtime_path_refuses_a_hostile_sidecar(artifacts, hostile, tmp
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_with_one_sentence_and_exit_2(artifacts, hostile, tmp_path):
     marker, cases = hostile
     checkpoint = hostile_checkpoint(artifacts["detection"]["checkpoint"], tmp_path / "evil.ckpt", "dataset.val",
@@ -263,6 +264,7 @@ def test_the_inference_only_checkpoint_is_smaller_and_accepted_everywhere(artifa
         export_weights(full, small)
 
 
+@pytest.mark.slow
 def test_export_format_weights_on_the_command_line(artifacts, tmp_path):
     out = tmp_path / "small.ckpt"
     command = [sys.executable, "-m", "tasks.export", f"checkpoint={artifacts['segmentation']['checkpoint']}",
