@@ -125,6 +125,11 @@ def test_resuming_another_model_or_optimizer_or_a_finished_run_is_refused(artifa
     with pytest.raises(ConfigError, match=r"was trained with optim\.optimizer\._target_=torch\.optim\.AdamW but "
                                           r"this run has optim\.optimizer\._target_=torch\.optim\.SGD"):
         check_resumable(state, other_optimizer, path)
+    inference_only = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}
+    with pytest.raises(ConfigError) as err:
+        check_resumable(inference_only, longer, path)
+    assert str(err.value) == (f"resume={path} is an inference-only checkpoint (it has no optimizer state); start a "
+                              f"new run from its weights with init_from={path}.")
 
 
 def test_ctrl_c_during_training_says_what_is_kept_and_exits_130(tmp_path, monkeypatch, capsys):
@@ -293,6 +298,15 @@ def test_the_shapes_writer_removes_only_the_files_its_manifest_lists(tmp_path):
     with pytest.raises(ValueError, match="written before shapes_meta.json listed its files"):
         ensure_shapes(root, "coco", num_train=2, num_val=2, image_size=32)
     assert (root / "my_notes.txt").read_text() == "mine"
+
+
+def test_quantize_refuses_a_folder_holding_an_earlier_report(artifacts, tmp_path):
+    (tmp_path / "quantize.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        quantize_checkpoint(artifacts["detection"]["checkpoint"], tmp_path)
+    assert str(err.value) == (f"output_dir={tmp_path} already holds the quantize.json of an earlier run; choose "
+                              f"another output_dir (or leave it unset for a fresh run folder).")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantize.json"]
 
 
 @pytest.mark.slow

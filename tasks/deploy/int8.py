@@ -197,6 +197,9 @@ def quantize_checkpoint(checkpoint: str | Path | None, out_dir: str | Path, cali
     if latency_runs < 1:
         raise ConfigError(f"latency_runs={latency_runs} must be a positive integer.")
     out_dir = Path(out_dir)
+    if (out_dir / "quantize.json").exists():
+        raise ConfigError(f"output_dir={out_dir} already holds the quantize.json of an earlier run; choose another "
+                          f"output_dir (or leave it unset for a fresh run folder).")
     out_dir.mkdir(parents=True, exist_ok=True)
     if onnx is not None:
         fp32_path = Path(onnx)
