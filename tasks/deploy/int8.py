@@ -56,7 +56,9 @@ def calibration_config(cfg: DictConfig, out_dir: Path, dataset_root: str | None)
     if dataset_root is not None:
         return rebase_dataset_root(cfg, dataset_root)
     if cfg.dataset.get("prepare") is not None:
-        return rebase_dataset_root(cfg, str((out_dir / "calibration_data").absolute()))
+        cfg = rebase_dataset_root(cfg, str((out_dir / "calibration_data").absolute()))
+        if "root" in cfg.dataset.prepare:
+            cfg.dataset.prepare.root = cfg.dataset.root  # the writer writes there and nowhere else
     return cfg
 
 
