@@ -55,5 +55,5 @@ def user_sentence(err: BaseException) -> str:
         where = err.filename or "a file"
         return f"cannot write {where} ({err.strerror or type(err).__name__}); expected a folder you can write to."
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted; nothing was left half-written."
+        return "interrupted (Ctrl-C); the files already written are kept."
     return str(err)
