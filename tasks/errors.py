@@ -33,6 +33,9 @@ def full_errors_wanted() -> bool:
     """The user asked for tracebacks with HYDRA_FULL_ERROR=1 (not tasks.cli.run on their behalf)."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(HYDRA_RAISES_FOR_CLI) != "1"
 
+# A path the user chose that cannot be written: no permission, a file where a folder should be, read-only.
+UNWRITABLE = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors a user can fix into one line on stderr and exit code 2 (130 for Ctrl-C)."""
@@ -42,7 +45,7 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (*USER_ERRORS, MissingMandatoryValue, PermissionError, Interrupted, KeyboardInterrupt) as err:
+        except (*USER_ERRORS, MissingMandatoryValue, *UNWRITABLE, Interrupted, KeyboardInterrupt) as err:
             if full_errors_wanted():
                 raise
             print(f"error: {user_sentence(err)}", file=sys.stderr)
@@ -56,9 +59,9 @@ def user_sentence(err: BaseException) -> str:
     if isinstance(err, MissingMandatoryValue):
         key = getattr(err, "full_key", None) or str(err).split(":")[-1].split()[0]
         return f"{key} is required but was not given; expected {key}=<value> on the command line."
-    if isinstance(err, PermissionError):
+    if isinstance(err, UNWRITABLE):
         where = err.filename or "a file"
-        return f"cannot write {where} (permission denied); expected a folder you can write to."
+        return f"cannot write {where} ({err.strerror or type(err).__name__}); expected a folder you can write to."
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted; nothing was left half-written."
+        return "interrupted (Ctrl-C); the files already written are kept."
     return str(err)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tasks.analysis.visualize import draw_detections, draw_mask
 from tasks.cli import CONFIG_DIR, run
 from tasks.deploy.onnx_export import export_model
-from tasks.deploy.sidecar import model_metadata, read_sidecar, sidecar_path, write_json
+from tasks.deploy.sidecar import model_metadata, read_sidecar, refuse_to_overwrite, sidecar_path, write_json
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.images import load_rgb
 from tasks.resolve import check_file_config, instantiate_from_file
@@ -205,6 +205,7 @@ def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir
     if not onnx:
         if not checkpoint:
             raise ConfigError("runtime=onnxruntime needs onnx=<model.onnx> or checkpoint=<path> to export.")
+        refuse_to_overwrite([out_dir / "model.onnx", out_dir / "model.json"])
         model, cfg = load_trained_model(checkpoint, trusted=trusted)
         onnx = str(export_model(model, cfg, out_dir / "model.onnx", source=str(checkpoint)))
         log.info("exported %s to %s", checkpoint, onnx)

@@ -34,6 +34,7 @@ PROJECT_TARGETS = (
     "tasks.segmentation.transforms",
     "tasks.datasets.shapes.ensure_shapes",
 )
+DENIED_TARGETS = ("backbones.weights",)  # downloads or reads weight files: never on a file's say-so
 
 
 def instantiate_node(node: Any) -> Any:
@@ -52,14 +53,14 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes if p)
 
 
-def _targets(node: Any, path: str) -> list[tuple[str, Any]]:
-    """Every (key path, value) of a `_target_` key anywhere in a plain dict/list tree."""
-    found: list[tuple[str, Any]] = []
+def _targets(node: Any, path: str) -> list[tuple[str, Any, dict]]:
+    """Every (key path, value, node holding it) of a `_target_` key anywhere in a plain dict/list tree."""
+    found: list[tuple[str, Any, dict]] = []
     if isinstance(node, dict):
         for key, value in node.items():
             where = f"{path}.{key}" if path else str(key)
             if key == "_target_":
-                found.append((where, value))
+                found.append((where, value, node))
             else:
                 found += _targets(value, where)
     elif isinstance(node, (list, tuple)):
@@ -87,15 +88,19 @@ def check_file_config(node: Any, source: str, trusted: Sequence[str] = (), path:
     if isinstance(node, (DictConfig, ListConfig)):
         node = OmegaConf.to_container(node, resolve=True)
     allowed = (*PROJECT_TARGETS, *(str(t) for t in trusted))
-    for key, target in _targets(node, path):
+    for key, target, holder in _targets(node, path):
         parts = target.split(".") if isinstance(target, str) else []
         ok = (len(parts) > 1 and not any(p.startswith("_") or not p.isidentifier() for p in parts)
-              and _under(target, allowed) and _defined_under(target, allowed))
+              and _under(target, allowed) and not _under(target, DENIED_TARGETS) and _defined_under(target, allowed))
         if not ok:
             raise ConfigError(f"{source} asks to build {key}={target!r}, which is not one of this project's "
                               f"own classes or functions (backbones, heads, dataset loaders and transforms, "
                               f"torch.optim); refused before anything ran (if you trust it, add its module "
                               f"with trusted_targets=[...]).")
+        if holder.get("pretrained"):
+            raise ConfigError(f"{source} asks to build {key}={target!r} with pretrained={holder['pretrained']!r}, "
+                              f"which would download or read weight files; a file's config never loads weights "
+                              f"(expected pretrained: null there).")
 
 
 def instantiate_from_file(node: Any, source: str, trusted: Sequence[str] = ()) -> Any:

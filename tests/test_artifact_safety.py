@@ -87,9 +87,32 @@ def test_the_resolver_refuses_every_payload_before_it_runs(hostile, name):
     assert not marker.exists()
 
 
+def test_a_file_config_never_loads_weights(artifacts, tmp_path, monkeypatch):
+    import backbones.weights
+
+    monkeypatch.setattr(backbones.weights, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    nested = {"_target_": "tasks.detection.transforms.build_detection_transforms",
+              "_args_": [{"_target_": "backbones.MobileNetV2", "pretrained": "imagenet"}]}
+    with pytest.raises(ConfigError) as err:
+        instantiate_from_file({"transforms": nested}, "checkpoint x.ckpt")
+    assert str(err.value) == ("checkpoint x.ckpt asks to build transforms._args_[0]._target_='backbones.MobileNetV2' "
+                              "with pretrained='imagenet', which would download or read weight files; a file's "
+                              "config never loads weights (expected pretrained: null there).")
+    loader = {"_target_": "backbones.weights.load_pretrained", "source": "imagenet"}
+    with pytest.raises(ConfigError, match=r"^checkpoint x\.ckpt asks to build _target_='backbones\.weights\."):
+        instantiate_from_file(loader, "checkpoint x.ckpt")
+    # The checkpoint's own backbone is built without its pretrained source (the trained weights replace them).
+    state = load_checkpoint(artifacts["segmentation"]["checkpoint"])
+    state["config"]["backbone"]["pretrained"] = "torchvision:IMAGENET1K_V1"
+    torch.save(state, tmp_path / "finetuned.ckpt")
+    model, cfg = load_trained_model(tmp_path / "finetuned.ckpt")
+    assert cfg.backbone.pretrained is None
+
+
 def test_the_project_configs_pass_and_trusted_targets_extend_the_list():
     for experiment in ("demo_ssdlite_shapes", "demo_deeplabv3_shapes", "ssdlite_mobilenet_v1_coco"):
-        cfg = compose_train([f"experiment={experiment}", "dataset.root=/data"])
+        # as a checkpoint holds them once loaded: the backbone's pretrained source cleared (file_config)
+        cfg = compose_train([f"experiment={experiment}", "dataset.root=/data", "backbone.pretrained=null"])
         for section in ("backbone", "head", "dataset", "optim"):
             check_file_config(cfg[section], "checkpoint x", path=section)
     plugin = {"_target_": "json.loads", "s": "[1]"}
@@ -167,6 +190,7 @@ def test_the_onnx_runtime_path_refuses_a_hostile_sidecar(artifacts, hostile, tmp
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_with_one_sentence_and_exit_2(artifacts, hostile, tmp_path):
     marker, cases = hostile
     checkpoint = hostile_checkpoint(artifacts["detection"]["checkpoint"], tmp_path / "evil.ckpt", "dataset.val",
@@ -263,6 +287,7 @@ def test_the_inference_only_checkpoint_is_smaller_and_accepted_everywhere(artifa
         export_weights(full, small)
 
 
+@pytest.mark.slow
 def test_export_format_weights_on_the_command_line(artifacts, tmp_path):
     out = tmp_path / "small.ckpt"
     command = [sys.executable, "-m", "tasks.export", f"checkpoint={artifacts['segmentation']['checkpoint']}",

@@ -56,7 +56,9 @@ def calibration_config(cfg: DictConfig, out_dir: Path, dataset_root: str | None)
     if dataset_root is not None:
         return rebase_dataset_root(cfg, dataset_root)
     if cfg.dataset.get("prepare") is not None:
-        return rebase_dataset_root(cfg, str((out_dir / "calibration_data").absolute()))
+        cfg = rebase_dataset_root(cfg, str((out_dir / "calibration_data").absolute()))
+        if "root" in cfg.dataset.prepare:
+            cfg.dataset.prepare.root = cfg.dataset.root  # the writer writes there and nowhere else
     return cfg
 
 
@@ -197,6 +199,9 @@ def quantize_checkpoint(checkpoint: str | Path | None, out_dir: str | Path, cali
     if latency_runs < 1:
         raise ConfigError(f"latency_runs={latency_runs} must be a positive integer.")
     out_dir = Path(out_dir)
+    if (out_dir / "quantize.json").exists():
+        raise ConfigError(f"output_dir={out_dir} already holds the quantize.json of an earlier run; choose another "
+                          f"output_dir (or leave it unset for a fresh run folder).")
     out_dir.mkdir(parents=True, exist_ok=True)
     if onnx is not None:
         fp32_path = Path(onnx)

@@ -13,7 +13,7 @@ from tasks.deploy.sidecar import refuse_to_overwrite
 from tasks.resolve import check_file_config
 from tasks.training.artifact import artifact_without_dataset
 from tasks.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tasks.training.trained import BUILT_SECTIONS
+from tasks.training.trained import BUILT_SECTIONS, file_config
 
 WEIGHTS_FORMAT = "mobilevision-weights"
 KEPT = ("model", "config", "artifact", "epoch", "step", "best_metric", "primary_metric")
@@ -27,13 +27,13 @@ def export_weights(checkpoint: str | Path, output: str | Path, trusted: Sequence
     if Path(checkpoint).resolve() == output.resolve():
         raise CheckpointError(f"output={output} is the checkpoint itself; expected another file name.")
     state = load_checkpoint(checkpoint)
-    config = state.get("config")
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in BUILT_SECTIONS):
+    if not state.get("config"):
         raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
                               f"tasks.train.")
+    config = file_config(state, checkpoint)
     for section in BUILT_SECTIONS:  # what we pass on must be as safe to load as what we read
         check_file_config(config[section], f"checkpoint {checkpoint}", trusted, path=section)
-    small = {key: state[key] for key in KEPT if key in state}
+    small = {key: state[key] for key in KEPT if key in state} | {"config": config}
     small["artifact"] = state.get("artifact") or artifact_without_dataset(config, f"checkpoint {checkpoint}")
     small["format"] = WEIGHTS_FORMAT
     small["source_checkpoint"] = str(checkpoint)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from tasks.detection.coco_eval import CocoEvaluator
 from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tasks.errors import DataError
-from tasks.images import load_rgb  # noqa: F401  (re-exported: detection/voc.py and predict read it from here)
+from tasks.images import load_rgb
 
 DetectionTransformFn = Callable[
     [np.ndarray, np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]

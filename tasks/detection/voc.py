@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tasks.detection.coco import DetectionTransformFn, load_rgb, normalise_only
+from tasks.detection.coco import DetectionTransformFn, normalise_only
 from tasks.detection.voc_eval import VOCEvaluator
+from tasks.images import load_rgb
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",

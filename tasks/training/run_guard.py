@@ -80,6 +80,9 @@ def _select(config: dict, dotted: str) -> Any:
 def check_resumable(state: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
     """The checkpoint at `path` can be continued by this run: same backbone, head, optimizer and classes,
     and epochs left to train."""
+    if "optimizer" not in state:
+        raise ConfigError(f"resume={path} is an inference-only checkpoint (it has no optimizer state); start a new "
+                          f"run from its weights with init_from={path}.")
     saved = state.get("config") or {}
     current = OmegaConf.to_container(cfg, resolve=True)
     for dotted in RESUME_MUST_MATCH:

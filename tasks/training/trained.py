@@ -34,20 +34,27 @@ def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None,
     if not state.get("config"):
         raise CheckpointError(f"checkpoint {checkpoint} carries no training config; expected one written by "
                               f"tasks.train.")
-    config = _with_moved_targets(state["config"])
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in BUILT_SECTIONS):
-        raise CheckpointError(f"checkpoint {checkpoint} has a config without {', '.join(BUILT_SECTIONS)} "
-                              f"sections; expected the config tasks.train writes.")
+    config = file_config(state, checkpoint)
     for section in BUILT_SECTIONS:
         check_file_config(config[section], f"checkpoint {checkpoint}", trusted, path=section)
     cfg = OmegaConf.create(config)
     if dataset_root is not None:
         cfg = rebase_dataset_root(cfg, dataset_root)
     cfg.artifact = state.get("artifact") or artifact_without_dataset(config, f"checkpoint {checkpoint}")
-    backbone = OmegaConf.to_container(cfg.backbone, resolve=True) | {"pretrained": None}
-    model = build_model(backbone, cfg.head, cfg.dataset.num_classes)
+    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
     load_model_weights(model, state, checkpoint)
     return model.eval(), cfg
+
+
+def file_config(state: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """The checkpoint's training config as plain data, targets moved, the backbone's `pretrained` cleared (the
+    checkpoint's weights replace them: loading never downloads or reads backbone weights)."""
+    config = _with_moved_targets(state["config"])
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in BUILT_SECTIONS):
+        raise CheckpointError(f"checkpoint {checkpoint} has a config without {', '.join(BUILT_SECTIONS)} "
+                              f"sections; expected the config tasks.train writes.")
+    config["backbone"] = {**config["backbone"], "pretrained": None}
+    return config
 
 
 def rebase_dataset_root(cfg: DictConfig, root: str) -> DictConfig:
