@@ -27,14 +27,13 @@ class Interrupted(Exception):
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)
 # Set (with HYDRA_FULL_ERROR) by tasks.cli.run, which asks Hydra to raise so it can word Hydra's errors itself.
 HYDRA_RAISES_FOR_CLI = "MOBILEVISION_HYDRA_RAISES"
+# A path the user chose that cannot be written: no permission, a file where a folder should be, read-only.
+UNWRITABLE = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def full_errors_wanted() -> bool:
     """The user asked for tracebacks with HYDRA_FULL_ERROR=1 (not tasks.cli.run on their behalf)."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(HYDRA_RAISES_FOR_CLI) != "1"
-
-# A path the user chose that cannot be written: no permission, a file where a folder should be, read-only.
-UNWRITABLE = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
