@@ -90,7 +90,8 @@ def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
 class Predictor:
     """A trained model with its own preprocessing and decoding; `predict` takes one image or many."""
 
-    def __init__(self, model: Any, meta: dict[str, Any], runtime: str, device: str = "cpu"):
+    def __init__(self, model: Any, meta: dict[str, Any], runtime: str, device: str = "cpu",
+                 trusted_targets: Sequence[str] = ()):
         from tasks.predict import Preprocessor, val_transforms_config
 
         self.model = model
@@ -99,7 +100,8 @@ class Predictor:
         self.device = device
         self.task: str = meta["task"]
         self.class_names: list[str] = list(meta["class_names"])
-        self.preprocess = Preprocessor(self.task, val_transforms_config(meta), meta["input_size"])
+        self.preprocess = Preprocessor(self.task, val_transforms_config(meta), meta["input_size"],
+                                       meta.get("config_source", "the model's config"), trusted_targets)
 
     def _frames(self, inputs: Iterable[ImageInput]) -> Iterator[tuple[str, np.ndarray]]:
         from tasks.predict import iter_inputs
@@ -141,9 +143,11 @@ class Predictor:
                 f"classes={self.class_names})")
 
 
-def load(path: str | Path, device: str = "cpu", threads: int | None = None) -> Predictor:
+def load(path: str | Path, device: str = "cpu", threads: int | None = None,
+         trusted_targets: Sequence[str] = ()) -> Predictor:
     """A tasks.train checkpoint (.ckpt/.pt, run by PyTorch) or an exported .onnx (run by ONNX Runtime, its
-    model.json sidecar beside it) as a Predictor."""
+    model.json sidecar beside it) as a Predictor. Its config is data: it may only name this project's own
+    classes, or those under the module prefixes in `trusted_targets` (e.g. ["my_plugins"])."""
     from tasks.predict import load_runtime
 
     path = Path(path)
@@ -151,5 +155,5 @@ def load(path: str | Path, device: str = "cpu", threads: int | None = None) -> P
     with tempfile.TemporaryDirectory() as scratch:  # load_runtime writes only when it exports on the fly
         model, meta = load_runtime(str(path) if runtime == "pytorch" else None,
                                    str(path) if runtime == "onnxruntime" else None, runtime, Path(scratch),
-                                   threads, device)
-    return Predictor(model.eval(), meta, runtime, device)
+                                   threads, device, trusted_targets)
+    return Predictor(model.eval(), meta, runtime, device, trusted_targets)

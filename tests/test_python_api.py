@@ -43,14 +43,14 @@ def test_a_checkpoint_predicts_what_tasks_predict_writes(artifacts, tmp_path):
     result = predictor.predict(image_path)
     assert predictor.task == "detection" and result.source == image_path.name
     predict_to_files(artifact["checkpoint"], [image_path], tmp_path)
-    written = json.loads((tmp_path / f"{image_path.stem}.json").read_text())
+    written = json.loads((tmp_path / "detections" / f"{image_path.stem}.json").read_text())
     coco = result.to_coco()
     assert len(coco) == len(written) > 0
     for got, expected in zip(coco, written):
         assert got["category_id"] == expected["category_id"]
         assert got["score"] == pytest.approx(expected["score"], abs=1e-5)
         assert got["bbox"] == pytest.approx(expected["bbox"], abs=1e-2)
-    picture = Image.open(tmp_path / f"{image_path.stem}.png")
+    picture = Image.open(tmp_path / "images" / f"{image_path.stem}.png")
     assert np.array_equal(np.asarray(result.plot(score_threshold=0.3)), np.asarray(picture))
 
 
