@@ -24,7 +24,8 @@ def load_trained_model(checkpoint: str | Path, dataset_root: str | None = None) 
     cfg = OmegaConf.create(_with_moved_targets(state["config"]))
     if dataset_root is not None:
         cfg = rebase_dataset_root(cfg, dataset_root)
-    model = build_model(cfg.backbone, cfg.head, cfg.dataset.num_classes)
+    backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "pretrained": None}  # the checkpoint
+    model = build_model(backbone, cfg.head, cfg.dataset.num_classes)  # holds every weight: nothing to download
     load_model_weights(model, state, checkpoint)
     return model.eval(), cfg
 
