@@ -179,6 +179,11 @@ class Preprocessor:
             tensor = self.transform(image, np.zeros((h, w), np.uint8))[0]
             valid_size = getattr(self.transform, "valid_size", None)  # base_size: the longer side resized to it
             valid = valid_size(h, w) if valid_size is not None else eval_valid_size(h, w, self.input_size[0])
+        base_size = getattr(self.transform, "base_size", None)
+        if base_size is not None and base_size > self.input_size[0]:
+            raise ConfigError(f"the checkpoint was trained with dataset.base_size={base_size} > dataset.input_size="
+                              f"{self.input_size[0]}, which evaluation covers with a sliding window but predict and "
+                              f"export (one input_size x input_size input) do not; train with base_size <= input_size.")
         if tuple(tensor.shape[-2:]) != self.input_size:
             raise ValueError(f"the val transforms made a {tuple(tensor.shape[-2:])} input of a {h}x{w} image; "
                              f"the model takes {self.input_size}.")

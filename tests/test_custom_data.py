@@ -119,6 +119,15 @@ def test_coco_class_names_keep_only_those_categories(tmp_path, shared_data):
                                    "dataset.class_names=[zebraz]"]).dataset.val)
 
 
+def test_one_json_named_like_a_train_split_is_still_split(tmp_path, shared_data):
+    root = _coco_one_json(tmp_path, shared_data)
+    (root / "annotations" / "all.json").rename(root / "annotations" / "instances_train2017.json")
+    cfg = compose_train(["dataset=coco_custom", f"dataset.root={root}"])
+    assert cfg.dataset.train.ann_file == cfg.dataset.val.ann_file
+    train, val = instantiate(cfg.dataset.train), instantiate(cfg.dataset.val)
+    assert val.image_ids and not set(train.image_ids) & set(val.image_ids)
+
+
 def test_coco_split_files_are_used_when_present(tmp_path, shared_data):
     root = _coco_one_json(tmp_path, shared_data)
     data = json.loads((root / "annotations" / "all.json").read_text())

@@ -233,7 +233,8 @@ def test_dataloader_workers_do_not_repeat_each_others_augmentations():
 
 
 def test_voc_config_instantiates_train_and_val(voc_root):
-    cfg = OmegaConf.create({"dataset": OmegaConf.load(CONF / "dataset" / "voc_seg.yaml")})
+    cfg = OmegaConf.create({"dataset": OmegaConf.load(CONF / "dataset" / "voc_seg.yaml"),
+                            "backbone": OmegaConf.load(CONF / "backbone" / "mobilenet_v2.yaml")})
     cfg.dataset.root = str(voc_root)
     cfg.dataset.train.image_set = "val"  # the samples only ship a val list
     assert cfg.dataset.task == "segmentation" and cfg.dataset.num_classes == 21

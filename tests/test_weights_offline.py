@@ -86,3 +86,25 @@ def test_train_exits_2_with_one_sentence_for_a_missing_weights_file(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: checkpoint") and str(missing) in lines[-1]
+
+
+def test_a_checkpoint_fine_tuned_from_imagenet_weights_loads_offline(tmp_path, monkeypatch):
+    """Evaluate/predict/export rebuild the model from the checkpoint's config, which says
+    pretrained=imagenet; the checkpoint holds every weight, so nothing may be downloaded."""
+    from helpers import compose_train
+    from omegaconf import OmegaConf
+
+    from tasks.training.checkpoint import save_checkpoint
+    from tasks.training.model import build_model
+    from tasks.training.trained import load_trained_model
+
+    cfg = compose_train(["backbone.width_mult=0.25", "head.extra_depths=[32,32]"])
+    model = build_model(cfg.backbone, cfg.head, 3)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["backbone"]["pretrained"] = "imagenet"
+    config["dataset"]["num_classes"] = 3
+    save_checkpoint({"model": model.state_dict(), "config": config}, tmp_path / "best.ckpt")
+    monkeypatch.setattr("backbones.weights._read_source", lambda *a: pytest.fail("weights were fetched"))
+    loaded, _ = load_trained_model(tmp_path / "best.ckpt")
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=0)

@@ -96,9 +96,9 @@ def coco_annotation_file(root: str, split: str) -> str:
 
 
 def coco_holdout(root: str, split: str) -> str | None:
-    """None when the split has its own json; else which part (train or val) of the shared one to use."""
-    own = Path(coco_annotation_file(root, split))
-    return None if own.stem == split or own.stem.startswith(f"instances_{split}") else split
+    """None when train and val have their own jsons; else which part (train or val) of the shared one to use."""
+    shared = coco_annotation_file(root, "train") == coco_annotation_file(root, "val")
+    return split if shared else None
 
 
 def coco_class_names(ann_file: str) -> list[str]:
