@@ -313,3 +313,23 @@ def test_training_writes_a_report_per_evaluation_and_sends_its_pictures_to_tenso
         events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
         events.Reload()
         assert set(events.Tags()["images"]) == {f"report/{n}" for n in names}
+
+
+def test_demo_ends_by_printing_where_its_reports_are(monkeypatch, tmp_path, capsys):
+    import tasks.demo as demo
+
+    def fake_run(experiment, run_dir, overrides=()):  # what train() leaves: one report per evaluation
+        for epoch in (1, 2):
+            (run_dir / "reports" / f"epoch_{epoch:03d}").mkdir(parents=True)
+            (run_dir / "reports" / f"epoch_{epoch:03d}" / "report.html").write_text("<html></html>")
+        return {"AP": 0.6, "mIoU": 0.8}, 0.1
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    monkeypatch.setattr(demo, "write_overlays", lambda run_dir: [run_dir / "overlays" / "a.png"])
+    assert demo.main([]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert tail[0].startswith("== evaluation reports")
+    for line, task in zip(tail[1:], ("detection", "segmentation")):
+        assert line.split()[0] == task and line.endswith(f"{task}/reports/epoch_002/report.html")
+        assert (tmp_path / line.split()[1]).is_file()
