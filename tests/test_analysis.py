@@ -333,3 +333,25 @@ def test_demo_ends_by_printing_where_its_reports_are(monkeypatch, tmp_path, caps
     for line, task in zip(tail[1:], ("detection", "segmentation")):
         assert line.split()[0] == task and line.endswith(f"{task}/reports/epoch_002/report.html")
         assert (tmp_path / line.split()[1]).is_file()
+
+
+def test_voc_detection_report_reads_the_images_behind_its_integer_ids(shared_data, tmp_path):
+    from tasks.detection.voc import VOCDetection
+
+    dataset = VOCDetection(shared_data / "voc_samples" / "VOC2012", "val")
+    evaluator = dataset.evaluator()
+    rng = np.random.default_rng(0)
+    for index, record in enumerate(dataset.records):
+        keep = rng.random(len(record.boxes)) < 0.7  # some objects missed, the rest found with jitter
+        boxes = record.boxes[keep] + rng.normal(0, 3, (int(keep.sum()), 4))
+        evaluator.update([{"image_id": index}], [{"boxes": torch.tensor(boxes), "labels": torch.tensor(
+            record.labels[keep]), "scores": torch.tensor(rng.uniform(0.4, 1.0, int(keep.sum())))}])
+    metrics = evaluator.compute()
+    report = write_evaluation_report(evaluator, dataset, metrics, tmp_path, title="voc detection check")
+    page = report.html.read_text()
+    assert "<th>AP50</th>" in page and "<th>AP75</th>" not in page
+    for name in dataset.class_names:
+        value = metrics[f"AP50/{name}"]
+        assert re.search(rf"<td>{name}</td><td>{'n/a' if np.isnan(value) else f'{value:.4f}'}</td>", page), name
+    worst = np.asarray(Image.open(report.figures["worst_images"]))
+    assert len(np.unique(worst.reshape(-1, 3), axis=0)) > 1000  # the VOC photos were found and drawn
