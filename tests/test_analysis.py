@@ -313,3 +313,45 @@ def test_training_writes_a_report_per_evaluation_and_sends_its_pictures_to_tenso
         events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
         events.Reload()
         assert set(events.Tags()["images"]) == {f"report/{n}" for n in names}
+
+
+def test_demo_ends_by_printing_where_its_reports_are(monkeypatch, tmp_path, capsys):
+    import tasks.demo as demo
+
+    def fake_run(experiment, run_dir, overrides=()):  # what train() leaves: one report per evaluation
+        for epoch in (1, 2):
+            (run_dir / "reports" / f"epoch_{epoch:03d}").mkdir(parents=True)
+            (run_dir / "reports" / f"epoch_{epoch:03d}" / "report.html").write_text("<html></html>")
+        return {"AP": 0.6, "mIoU": 0.8}, 0.1
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    monkeypatch.setattr(demo, "write_overlays", lambda run_dir: [run_dir / "overlays" / "a.png"])
+    assert demo.main([]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert tail[0].startswith("== evaluation reports")
+    for line, task in zip(tail[1:], ("detection", "segmentation")):
+        assert line.split()[0] == task and line.endswith(f"{task}/reports/epoch_002/report.html")
+        assert (tmp_path / line.split()[1]).is_file()
+
+
+def test_voc_detection_report_reads_the_images_behind_its_integer_ids(shared_data, tmp_path):
+    from tasks.detection.voc import VOCDetection
+
+    dataset = VOCDetection(shared_data / "voc_samples" / "VOC2012", "val")
+    evaluator = dataset.evaluator()
+    rng = np.random.default_rng(0)
+    for index, record in enumerate(dataset.records):
+        keep = rng.random(len(record.boxes)) < 0.7  # some objects missed, the rest found with jitter
+        boxes = record.boxes[keep] + rng.normal(0, 3, (int(keep.sum()), 4))
+        evaluator.update([{"image_id": index}], [{"boxes": torch.tensor(boxes), "labels": torch.tensor(
+            record.labels[keep]), "scores": torch.tensor(rng.uniform(0.4, 1.0, int(keep.sum())))}])
+    metrics = evaluator.compute()
+    report = write_evaluation_report(evaluator, dataset, metrics, tmp_path, title="voc detection check")
+    page = report.html.read_text()
+    assert "<th>AP50</th>" in page and "<th>AP75</th>" not in page
+    for name in dataset.class_names:
+        value = metrics[f"AP50/{name}"]
+        assert re.search(rf"<td>{name}</td><td>{'n/a' if np.isnan(value) else f'{value:.4f}'}</td>", page), name
+    worst = np.asarray(Image.open(report.figures["worst_images"]))
+    assert len(np.unique(worst.reshape(-1, 3), axis=0)) > 1000  # the VOC photos were found and drawn

@@ -304,7 +304,8 @@ class Engine:
             self._evaluator, self.val_loader.dataset, metrics, directory,
             title=f"evaluation after epoch {self.epoch} (step {self.step})", checkpoint=self.run_dir / "last.ckpt",
             config=write_config(self.config, directory / "config.yaml") if self.config else None, mean=mean, std=std,
-            notes=[f"checkpoint: last.ckpt holds these weights until the next epoch's save; run {self.run_dir}"])
+            notes=[f"last.ckpt holds these weights only until the next epoch is saved (best.ckpt keeps the best); "
+                   f"run folder {self.run_dir}"])
         self._log_images({f"report/{name}": image for name, image in report.pictures.items()}, self.epoch)
         log.info("evaluation report: %s", report.html)
 
