@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tasks.image_io import decode_rgb
+
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -152,8 +154,7 @@ class VOCSegmentation(Dataset):
         if not image_path.is_file():
             raise FileNotFoundError(f"image {image_path} listed in {self.image_set} does not exist.")
         try:
-            with Image.open(image_path) as img:
-                image = np.array(img.convert("RGB"))
+            image = decode_rgb(image_path)
         except (OSError, SyntaxError) as err:  # truncated or not an image
             raise _undecodable(image_path, err) from None
         mask, mask_path = self._load_mask(image_id)
