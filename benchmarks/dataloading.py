@@ -16,26 +16,39 @@ the same cores here, so the pipeline can fall below both: read the three columns
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader
 
+import tasks.detection.coco as coco_module
+import tasks.segmentation.voc as voc_module
 from tasks.datasets.shapes import SHAPE_CLASSES, ensure_shapes
 from tasks.detection.coco import CocoDetection
 from tasks.detection.transforms import build_detection_transforms
-from tasks.training.loaders import build_loader, set_loader_epoch
+from tasks.segmentation.transforms import build_segmentation_transforms
+from tasks.segmentation.voc import VOCSegmentation
+from tasks.training.loaders import PerSampleSeeds, build_loader, collate, set_loader_epoch
 from tasks.training.model import build_model
 
-from .timing import interleaved, summarise
+from .timing import interleaved, paired_ratio, summarise
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"  # real photos, when present
 AUGMENTATIONS = {"photometric": True, "zoom_out": True, "iou_crop": True, "hflip": True}
+GPU_STEP_IMAGES_PER_S = 2000.0  # a GPU step rate to feed: how many cores would each mode need
+BEFORE = "Pillow decode, float32 out"
+OPENCV = "OpenCV decode, float32 out"
+UINT8 = "OpenCV decode, uint8 out (normalised on the device)"
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,95 @@ class DataSettings:
     width_mult: float = 1.0
     lr: float = 0.003  # the demo's AdamW (conf/experiment/demo_ssdlite_shapes.yaml)
     weight_decay: float = 1e-4
+    # Per core: the training pipeline (decode + augmentations + resize + normalise + collate) in one process
+    # on one thread, each mode in turn per round (benchmarks/timing.py), one batch per mode and round.
+    per_core: bool = True
+    per_core_rounds: int = 6
+    detection_size: int = 320  # on coco128's photos when ../shared/data/coco128 exists, else 640 px shapes JPEGs
+    segmentation_size: int = 513  # on 500 px shapes JPEGs (VOC's photo size), SegmentationTransform's train crop
+    per_core_images: int = 64
     seed: int = 0
+
+
+def _pillow_rgb(path: Path) -> np.ndarray:
+    """What both datasets decoded with before tasks.image_io."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@contextlib.contextmanager
+def pillow_decoding() -> Iterator[None]:
+    """Both datasets decode with Pillow (the previous path) inside this block."""
+    saved = coco_module.decode_rgb, voc_module.decode_rgb
+    coco_module.decode_rgb = voc_module.decode_rgb = _pillow_rgb
+    try:
+        yield
+    finally:
+        coco_module.decode_rgb, voc_module.decode_rgb = saved
+
+
+def _batches(dataset, batch: int, pillow: bool) -> Callable[[], object]:
+    """A call = the next `batch` items of `dataset` (cycling, per-sample seeds) collated into one batch."""
+    wrapped, position = PerSampleSeeds(dataset, seed=0), [0]
+
+    def next_batch():
+        indices = [(position[0] + i) % len(wrapped) for i in range(batch)]
+        position[0] += batch
+        with pillow_decoding() if pillow else contextlib.nullcontext():
+            return collate([wrapped[i] for i in indices])
+
+    return next_batch
+
+
+def per_core_pipelines(s: DataSettings, tmp: Path) -> dict[str, dict[str, Callable[[], object]]]:
+    """{task @ size: {mode: next batch}}: the training datasets in each decoding/output mode."""
+    if COCO128.is_dir():
+        coco_root, source = COCO128, "coco128 photos"
+    else:
+        coco_root = ensure_shapes(tmp / "shapes_640", "coco", num_train=s.per_core_images, num_val=0,
+                                  image_size=640, seed=s.seed)
+        source = "640 px shapes JPEGs"
+    images, ann = coco_root / "train2017", coco_root / "annotations" / "instances_train2017.json"
+
+    def detection(normalize: bool) -> CocoDetection:
+        return CocoDetection(images, ann, build_detection_transforms(s.detection_size, train=True, normalize=normalize,
+                                                                     **AUGMENTATIONS), train=True)
+
+    voc_root = ensure_shapes(tmp / "shapes_voc_500", "voc", num_train=s.per_core_images, num_val=0, image_size=500,
+                             seed=s.seed)
+    segmentation = VOCSegmentation(voc_root, "train", build_segmentation_transforms(s.segmentation_size, train=True),
+                                   class_names=("background", *SHAPE_CLASSES))
+    return {
+        f"detection @ {s.detection_size} ({source}, SSD augmentations)": {
+            BEFORE: _batches(detection(True), s.batch, pillow=True),
+            OPENCV: _batches(detection(True), s.batch, pillow=False),
+            UINT8: _batches(detection(False), s.batch, pillow=False)},
+        f"segmentation @ {s.segmentation_size} (500 px shapes JPEGs, scale + crop + flip)": {
+            BEFORE: _batches(segmentation, s.batch, pillow=True),
+            OPENCV: _batches(segmentation, s.batch, pillow=False)},
+    }
+
+
+def per_core_throughput(s: DataSettings, tmp: Path) -> list[dict]:
+    """Images/s of one core (one thread for torch and OpenCV) per pipeline and mode, paired per round."""
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    rows = []
+    try:
+        for pipeline, modes in per_core_pipelines(s, tmp).items():
+            samples = interleaved(modes, s.per_core_rounds, warmup=1)
+            for mode, times in samples.items():
+                summary = summarise(times)
+                per_s = s.batch / (summary.median / 1e3)
+                rows.append({"pipeline": pipeline, "mode": mode, "batch": s.batch, "time_ms": summary.as_dict(),
+                             "samples_ms": times, "images_per_s_per_core": per_s,
+                             "cores_for_gpu_rate": GPU_STEP_IMAGES_PER_S / per_s,
+                             "speedup_vs_before": 1.0 / paired_ratio(times, samples[BEFORE]).median})
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    return rows
 
 
 def training_set(root: Path, size: int) -> CocoDetection:
@@ -144,8 +245,12 @@ def run(settings: DataSettings, log=print) -> dict:
     if any(w < 0 for w in s.workers) or not s.sizes:
         raise ValueError(f"DataSettings needs sizes and non-negative worker counts, got sizes={s.sizes} "
                          f"and workers={s.workers}.")
-    loaders, steps, pipelines, verdicts, checks = [], [], [], [], {}
+    loaders, steps, pipelines, verdicts, checks, per_core = [], [], [], [], {}, []
     with tempfile.TemporaryDirectory(prefix="mobilevision-bench-data-") as tmp:
+        if s.per_core:
+            per_core = per_core_throughput(s, Path(tmp))
+            for row in per_core:
+                log(f"data: {row['pipeline']}, {row['mode']}: {row['images_per_s_per_core']:.1f} images/s per core")
         for size in s.sizes:
             start = time.perf_counter()
             root = ensure_shapes(Path(tmp) / f"shapes_{size}", "coco", num_train=s.num_images, num_val=0,
@@ -176,7 +281,8 @@ def run(settings: DataSettings, log=print) -> dict:
                                  **verdict(supply["images_per_s"], alone["images_per_s"], workers)})
     checks["augmentations"] = AUGMENTATIONS
     return {"settings": asdict(s), "checks": checks,
-            "section": {"loader": loaders, "train_step": steps, "pipeline": pipelines, "verdicts": verdicts}}
+            "section": {"loader": loaders, "train_step": steps, "pipeline": pipelines, "verdicts": verdicts,
+                        "per_core": per_core}}
 
 
 def format_table(section: dict) -> str:
@@ -190,4 +296,14 @@ def format_table(section: dict) -> str:
                      f"{v['pipeline_images_per_s']:>14.1f}  {v['bottleneck']:<14} {v['note']}")
     lines.append("loader and step alone, then together (the loader feeding the step: what training gets); "
                  "workers share this machine's cores with the step")
+    if section.get("per_core"):
+        header = (f"{'pipeline':<72} {'mode':<52} {'img/s/core':>10} {'vs Pillow':>9} "
+                  f"{f'cores for {GPU_STEP_IMAGES_PER_S:.0f} img/s':>22}")
+        lines += ["", "data: training pipeline per CPU core (decode + augment + resize + normalise + collate, "
+                      "1 thread, batch of 16 per mode and round)", header, "-" * len(header)]
+        for r in section["per_core"]:
+            lines.append(f"{r['pipeline']:<72} {r['mode']:<52} {r['images_per_s_per_core']:>10.1f} "
+                         f"{r['speedup_vs_before']:>8.2f}x {r['cores_for_gpu_rate']:>22.0f}")
+        lines.append("vs Pillow = median of the per-round speed-ups over the Pillow-decoded float32 pipeline "
+                     "(the previous one); identical batches in every mode")
     return "\n".join(lines)

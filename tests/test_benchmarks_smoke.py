@@ -26,7 +26,8 @@ TINY = run.Plan(
                           segmentation_classes=4, width_mult=0.25, repeats=1, warmup=0, peak_size=64,
                           peak_repeats=1, peak_warmup=0, calibration_images=1),
     dataloading.DataSettings(sizes=(64,), workers=(0, 1), num_images=8, batch=2, train_repeats=1,
-                             train_warmup=1, pipeline_steps=2, width_mult=0.25),
+                             train_warmup=1, pipeline_steps=2, width_mult=0.25, per_core_rounds=1,
+                             detection_size=64, segmentation_size=65, per_core_images=4),
     postprocess.PostprocessSettings(input_size=64, num_classes=3, width_mult=0.25, repeats=1, warmup=0,
                                     dynamo=False, objects=2, anchors_per_object=4),
 )
@@ -179,6 +180,14 @@ def test_cli_runs_the_deploy_and_data_sections_at_tiny_sizes(tmp_path, monkeypat
     for v in data["verdicts"]:
         slower = "data loading" if v["loader_images_per_s"] < v["step_images_per_s"] else "training step"
         assert v["bottleneck"] == slower and v["bottleneck"] in printed
+    # Per core: detection in three modes, segmentation in two, each figure from its own median batch time.
+    modes = [r["mode"] for r in data["per_core"]]
+    assert modes == [dataloading.BEFORE, dataloading.OPENCV, dataloading.UINT8, dataloading.BEFORE,
+                     dataloading.OPENCV]
+    for r in data["per_core"]:
+        assert r["images_per_s_per_core"] == pytest.approx(2 / (r["time_ms"]["median"] / 1e3))
+        assert r["cores_for_gpu_rate"] == pytest.approx(2000 / r["images_per_s_per_core"])
+        assert r["mode"] in printed and r["pipeline"] in printed
     assert "--only deploy --only data" in results["environment"]["command"]
 
 

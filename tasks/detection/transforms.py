@@ -23,6 +23,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 from albumentations.augmentations.crops.transforms import BaseCrop  # noqa: E402
 
+from tasks.detection.device_normalize import DeviceNormalize  # noqa: E402
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # SSD's sampler: None = keep the whole image, otherwise the least IoU some box must have with the crop.
@@ -200,9 +202,12 @@ class DetectionTransform:
     and per epoch, reproducible under torch.manual_seed). `seed` fixes the state in the main process.
     """
 
-    def __init__(self, compose: A.Compose, size: int, seed: int | None = None):
+    def __init__(self, compose: A.Compose, size: int, seed: int | None = None,
+                 device_normalize: DeviceNormalize | None = None):
         self.compose = compose
         self.size = int(size)
+        # set when the pipeline stops before Normalize: images leave as uint8, the device normalises them
+        self.device_normalize = device_normalize
         self._worker_seed: int | None = None
         if seed is not None:
             self.reseed(seed)
@@ -267,9 +272,11 @@ def build_detection_transforms(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     seed: int | None = None,
+    normalize: bool = True,
 ) -> DetectionTransform:
     """SSD's training augmentation (photometric -> zoom-out p=0.5 -> IoU crop -> flip) or, for evaluation,
-    only the resize; both end with a square `size` x `size` resize (no letterbox) and normalisation."""
+    only the resize; both end with a square `size` x `size` resize (no letterbox) and normalisation.
+    `normalize=False` leaves the images uint8 for the device to normalise (`transform.device_normalize`)."""
     if int(size) <= 0:
         raise ValueError(f"transform size must be a positive number of pixels, got {size}.")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -283,14 +290,14 @@ def build_detection_transforms(
             steps.append(SSDRandomIoUCrop())
         if hflip:
             steps.append(A.HorizontalFlip(p=0.5))
-    steps += [
-        A.Resize(height=int(size), width=int(size), area_for_downscale="image"),
-        A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-    ]
+    steps.append(A.Resize(height=int(size), width=int(size), area_for_downscale="image"))
+    if normalize:
+        steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
     compose = A.Compose(
         steps,
         bbox_params=A.BboxParams(
             format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True
         ),
     )
-    return DetectionTransform(compose, size=int(size), seed=seed)
+    return DetectionTransform(compose, size=int(size), seed=seed,
+                              device_normalize=None if normalize else DeviceNormalize(mean, std))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tasks.images import to_rgb
+from tasks.images import decode_rgb
 
 from .metrics import ConfusionMatrix
 from .palette import IGNORE_INDEX, VOC_CLASSES
@@ -154,8 +154,7 @@ class VOCSegmentation(Dataset):
         if not image_path.is_file():
             raise FileNotFoundError(f"image {image_path} listed in {self.image_set} does not exist.")
         try:
-            with Image.open(image_path) as img:
-                image = to_rgb(img)
+            image = decode_rgb(image_path)
         except (OSError, SyntaxError) as err:  # truncated or not an image
             raise _undecodable(image_path, err) from None
         mask, mask_path = self._load_mask(image_id)

@@ -219,6 +219,8 @@ class Engine:
                    disable=not (self.options.progress and dist.is_main()), dynamic_ncols=True, leave=False)
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
+            if images.dtype == torch.uint8:  # transforms with normalize=false: normalised on the device
+                images = self.train_loader.dataset.transforms.device_normalize(images)
             if self.options.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             self._count_skipped(targets)

@@ -11,6 +11,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -122,6 +123,9 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # PyTorch gives each worker one thread; OpenCV (decoding, resizing) would otherwise start a pool as large
+    # as the machine in every worker, N workers x N threads fighting the training step for the same cores.
+    cv2.setNumThreads(1)
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
