@@ -75,7 +75,7 @@ class DataSettings:
 
 
 def _pillow_rgb(path: Path) -> np.ndarray:
-    """What both datasets decoded with before tasks.image_io."""
+    """What both datasets decoded with before tasks.images used OpenCV."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
