@@ -1,0 +1,94 @@
+"""Parity of a deployed graph with the PyTorch model it came from, on final results (not raw tensors).
+
+`compare_detections` / `compare_label_maps` compare per-image results in the head's predict() format;
+`check_in_graph_parity` runs a graph whose outputs end in the post-processing (tasks/deploy/in_graph.py)
+and the PyTorch model on the same images and returns the figures the sidecar records.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.deploy.in_graph import detections_to_results
+
+Runner = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+
+SCORE_TOLERANCE = 1e-4  # the issue's bar for float32 graphs: same boxes and labels, scores within 1e-4
+BOX_TOLERANCE_PX = 1e-2
+
+
+def compare_detections(got: Sequence[Mapping[str, torch.Tensor]],
+                       expected: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per image, the detections in score order: how many differ in count or label, and the largest
+    score / box (pixels) differences where both have a detection."""
+    count_mismatches = label_mismatches = 0
+    score_diff = box_diff = 0.0
+    for g, e in zip(got, expected):
+        n = min(len(g["scores"]), len(e["scores"]))
+        count_mismatches += int(len(g["scores"]) != len(e["scores"]))
+        label_mismatches += int((g["labels"][:n].cpu() != e["labels"][:n].cpu()).sum())
+        if n:
+            score_diff = max(score_diff, float((g["scores"][:n].cpu() - e["scores"][:n].cpu()).abs().max()))
+            box_diff = max(box_diff, float((g["boxes"][:n].cpu() - e["boxes"][:n].cpu()).abs().max()))
+    return {"detections": [len(e["scores"]) for e in expected], "count_mismatches": count_mismatches,
+            "label_mismatches": label_mismatches, "max_score_diff": score_diff, "max_box_diff_px": box_diff}
+
+
+def compare_label_maps(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Share of pixels with the same class, over all images."""
+    same = sum(int((g.cpu() == e.cpu()).sum()) for g, e in zip(got, expected))
+    total = sum(e.numel() for e in expected)
+    return {"pixels": total, "pixel_agreement": same / max(total, 1)}
+
+
+def detections_equal(figures: Mapping[str, Any], score_tolerance: float = SCORE_TOLERANCE) -> bool:
+    return (figures["count_mismatches"] == 0 and figures["label_mismatches"] == 0
+            and figures["max_score_diff"] <= score_tolerance and figures["max_box_diff_px"] <= BOX_TOLERANCE_PX)
+
+
+def reference_results(model: nn.Module, images: torch.Tensor, task: str) -> list:
+    """The PyTorch model's own results for images that fill the whole input."""
+    size = tuple(images.shape[-2:])
+    with torch.no_grad():
+        outputs = model(images)
+        if task == "detection":
+            return model.predict(outputs, [size] * images.shape[0])
+        logits = outputs["logits"]
+        if tuple(logits.shape[-2:]) != size:
+            logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return [label_map for label_map in logits.argmax(1)]
+
+
+def check_in_graph_parity(run: Runner, model: nn.Module, meta: Mapping[str, Any], example: torch.Tensor,
+                          batch_sizes: Sequence[int] = (2, 1), strict: bool = True) -> dict[str, Any]:
+    """Run the graph (`run`: numpy images -> outputs) and the model on the first `b` example images for each
+    b; with `strict`, a float32 graph that does not give the same detections (or > 0.1 % other pixels) is an
+    error."""
+    model = model.eval()
+    got_all: list = []
+    expected_all: list = []
+    for b in batch_sizes:
+        images = example[:b]
+        outputs = {k: torch.from_numpy(np.asarray(v)) for k, v in run(images.numpy()).items()}
+        if meta["task"] == "detection":
+            got_all += detections_to_results(outputs, [tuple(images.shape[-2:])] * b)
+        else:
+            got_all += list(outputs["labels"])
+        expected_all += reference_results(model, images, meta["task"])
+    if meta["task"] == "detection":
+        figures = compare_detections(got_all, expected_all)
+        if strict and not detections_equal(figures):
+            raise RuntimeError(f"the graph's detections differ from PyTorch's: {figures}.")
+    else:
+        figures = compare_label_maps(got_all, expected_all)
+        if strict and figures["pixel_agreement"] < 0.999:
+            raise RuntimeError(f"the graph's label maps differ from PyTorch's: {figures}.")
+    return {"batches": list(batch_sizes), **figures}
+
+
+__all__ = ["check_in_graph_parity", "compare_detections", "compare_label_maps", "detections_equal",
+           "reference_results", "SCORE_TOLERANCE"]
