@@ -59,7 +59,9 @@ class DetectionCandidates(nn.Module):
         self.topk = int(settings["topk_candidates"])
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        outputs = self.model(images)
+        return self.from_outputs(self.model(images))
+
+    def from_outputs(self, outputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits, codes, anchors = outputs["cls_logits"], outputs["bbox_regression"], outputs["anchors"]
         boxes = self.box_coder.decode(codes.float(), anchors[None]).clamp(0.0, 1.0)  # [B, A, 4]
         scores = F.softmax(logits.float(), dim=-1)[..., 1:].transpose(1, 2)  # [B, K, A]
@@ -78,10 +80,13 @@ class SegmentationLabels(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor) -> tuple[Tensor]:
-        logits = self.model(images)["logits"]
-        if tuple(logits.shape[-2:]) != tuple(images.shape[-2:]):
-            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return (logits.argmax(1),)
+        return (self.from_logits(self.model(images)["logits"], images.shape[-2:]),)
+
+    @staticmethod
+    def from_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits.argmax(1)
 
 
 def in_graph_wrapper(model: nn.Module, meta: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
@@ -143,5 +148,6 @@ def label_maps_to_results(labels: Tensor, image_sizes: Sequence[Sequence[int]],
     return results
 
 
-__all__ = ["DetectionCandidates", "SegmentationLabels", "in_graph_wrapper", "select_detections", "detections_to_results",
-           "label_maps_to_results", "DETECTION_OUTPUTS", "CANDIDATE_OUTPUTS", "SEGMENTATION_OUTPUTS"]
+__all__ = ["DetectionCandidates", "SegmentationLabels", "in_graph_wrapper", "select_detections",
+           "detections_to_results", "label_maps_to_results", "DETECTION_OUTPUTS", "CANDIDATE_OUTPUTS",
+           "SEGMENTATION_OUTPUTS"]

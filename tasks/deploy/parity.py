@@ -90,5 +90,33 @@ def check_in_graph_parity(run: Runner, model: nn.Module, meta: Mapping[str, Any]
     return {"batches": list(batch_sizes), **figures}
 
 
-__all__ = ["check_in_graph_parity", "compare_detections", "compare_label_maps", "detections_equal",
+RAW_OUTPUTS = ("cls_logits", "bbox_regression", "logits")
+
+
+def compare_runner(runner: Any, model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """A deployed model's runner (tasks/deploy/runner.py) against the PyTorch model on `images` [B, 3, H, W]:
+    the largest absolute and relative (max |diff| / max |pytorch|) differences of the raw outputs both
+    give, and the final results compared as in `check_in_graph_parity` (images filling the input)."""
+    model = model.eval()
+    task = runner.task
+    sizes = [tuple(images.shape[-2:])] * images.shape[0]
+    with torch.no_grad():
+        expected_raw = dict(model(images))
+    got_raw = runner(images)
+    absolute, relative = {}, {}
+    for name in RAW_OUTPUTS:
+        if name in got_raw and name in expected_raw:
+            diff = float((got_raw[name].float() - expected_raw[name].float()).abs().max())
+            absolute[name] = diff
+            relative[name] = diff / max(float(expected_raw[name].abs().max()), 1e-30)
+    got = runner.predict(got_raw, sizes)
+    if task == "detection":
+        final = compare_detections(got, reference_results(model, images, task))
+        final["detections_equal"] = detections_equal(final)
+    else:
+        final = compare_label_maps([g["mask"] for g in got], reference_results(model, images, task))
+    return {"images": int(images.shape[0]), "raw_max_abs_diff": absolute, "raw_relative_diff": relative, **final}
+
+
+__all__ = ["check_in_graph_parity", "compare_runner", "compare_detections", "compare_label_maps", "detections_equal",
            "reference_results", "SCORE_TOLERANCE"]
