@@ -59,7 +59,7 @@ def test_candidates_then_select_equal_the_heads_postprocess():
     got = detections_to_results(select_detections(boxes, scores, SETTINGS), sizes)
     expected = _head_results(outputs, sizes)
     figures = compare_detections(got, expected)
-    assert sum(figures["detections"]) > 10 and figures["count_mismatches"] == figures["label_mismatches"] == 0
+    assert sum(figures["detections"]) > 10 and figures["count_mismatches"] == figures["unmatched"] == 0
     assert figures["max_score_diff"] == 0 and figures["max_box_diff_px"] < 1e-4
 
 
@@ -108,7 +108,7 @@ def in_graph_exports(artifacts, tmp_path_factory):
 def test_onnx_detections_in_graph_equal_the_pytorch_heads(artifacts, in_graph_exports):
     meta = read_sidecar(in_graph_exports["detection"])
     assert meta["output_names"] == ["boxes", "scores", "labels", "num_detections"] and meta["postprocess_in_graph"]
-    assert meta["output_shapes"]["boxes"] == ["batch", 100, 4] and meta["parity"]["label_mismatches"] == 0
+    assert meta["output_shapes"]["boxes"] == ["batch", 100, 4] and meta["parity"]["unmatched"] == 0
     model, _ = load_trained_model(artifacts["detection"]["checkpoint"])
     runner = OnnxModel(in_graph_exports["detection"], threads=1)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))

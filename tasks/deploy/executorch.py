@@ -37,6 +37,7 @@ def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, prec
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
+        from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -44,7 +45,7 @@ def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, prec
         with torch.no_grad():
             for image in calibration:
                 prepared(image[None] if image.dim() == 3 else image)
-        graph = convert_pt2e(prepared)
+        graph = move_exported_model_to_eval(convert_pt2e(prepared))
     program = torch.export.export(graph, args)
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     tmp = path.with_name(f".{path.name}.tmp")

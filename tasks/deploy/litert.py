@@ -8,8 +8,9 @@ the custom TFLite_Detection_PostProcess op, which litert-torch does not emit; th
 tasks.deploy.in_graph.select_detections (the head's rule) to the candidates.
 
 int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer), observers
-calibrated on the given images; the graph keeps a float32 input (a QUANTIZE op first) and the raw
-outputs come out int8 with their scale / zero point, which the runner dequantizes.
+calibrated on the given images. Depending on the graph, the converter keeps a float32 input (a QUANTIZE op
+first) or makes it int8; raw outputs may come out int8 with their scale / zero point: the runner quantizes
+the input and dequantizes the outputs as the file's tensors say.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
         if precision == "int8":
             from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
+            from torchao.quantization.pt2e import move_exported_model_to_eval
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
@@ -58,7 +60,7 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
             with torch.no_grad():
                 for image in calibration:
                     prepared(image[None] if image.dim() == 3 else image)
-            quantized = convert_pt2e(prepared, fold_quantize=False)
+            quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
             edge = litert_torch.convert(quantized, args, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         else:
             edge = litert_torch.convert(graph, args)
@@ -89,6 +91,11 @@ class LiteRTModel(DeployedModel):
         self.output_names = names
 
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        dtype = self.input_detail["dtype"]
+        if dtype != np.float32:  # a full-integer graph takes the quantized image
+            scale, zero = self.input_detail["quantization"]
+            info = np.iinfo(dtype)
+            images = np.clip(np.round(images / scale) + zero, info.min, info.max).astype(dtype)
         self.interpreter.set_tensor(self.input_detail["index"], images)
         self.interpreter.invoke()
         out = {}

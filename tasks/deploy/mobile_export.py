@@ -96,9 +96,10 @@ def convert(graph: MobileGraph, fmt: str, example: torch.Tensor, path: Path, pre
 
 def export_mobile_model(model: nn.Module, cfg: DictConfig, fmt: str, path: str | Path, precision: str = "fp32",
                         num_calibration: int = 32, check: bool = True, parity_images: int = 4,
-                        source: str | None = None) -> Path:
+                        source: str | None = None, calibration: Sequence[torch.Tensor] | None = None) -> Path:
     """Fold BN, convert to `fmt`, write the sidecar; with `check`, run the file in its runtime on real val
-    images and record raw-output and final-result parity against the unfolded PyTorch model."""
+    images and record raw-output and final-result parity against the unfolded PyTorch model. int8 calibrates
+    on `calibration` images if given, else on `num_calibration` training images of the config's dataset."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} is not an on-device format; expected one of {', '.join(FORMATS)}.")
     if precision not in PRECISIONS:
@@ -115,11 +116,12 @@ def export_mobile_model(model: nn.Module, cfg: DictConfig, fmt: str, path: str |
     model = model.cpu().eval()
     graph = MobileGraph(fold_batchnorm(model), meta).eval()
     example = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    calibration: list[torch.Tensor] = []
-    if precision == "int8":
+    if precision != "int8":
+        calibration = []
+    elif calibration is None:
         calibration = calibration_images(cfg, num_calibration)
-        if not calibration:
-            raise ConfigError("precision=int8 needs training images to calibrate on; the training split is empty.")
+    if precision == "int8" and not calibration:
+        raise ConfigError("precision=int8 needs training images to calibrate on; the training split is empty.")
     convert(graph, fmt, example, path, precision, calibration, meta)
     meta |= {
         "artifact_format": fmt,
