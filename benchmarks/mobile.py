@@ -7,7 +7,9 @@
 Needs mobilevision[mobile] (`make bench-mobile` runs it in .venv-mobile). Paths, timed in interleaved rounds
 (benchmarks/timing.py) on the same image, network forward plus the post-processing the graph holds:
 PyTorch eager fp32 (the reference), ONNX Runtime fp32, LiteRT fp32 / int8 (litert-torch, XNNPACK delegate),
-ExecuTorch fp32 / int8 (XNNPACK). The latency part uses the papers' networks at full size with random
+ExecuTorch fp32 / int8 (XNNPACK); torchvision's nearest networks (MobileNetV3-Large SSDLite320 and
+DeepLabv3, raw outputs: torchvision has neither on MobileNetV2) go through the same converters as peers. The
+latency part uses the papers' networks at full size with random
 weights (int8 calibrated on random images: the latency does not depend on the values); the metric part
 exports the given checkpoints the same way (int8 calibrated on training images) and evaluates every file
 with tasks.evaluate's evaluator on the checkpoint's val split. A conversion that fails is a row with its error.
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from tasks.deploy.fold_bn import fold_batchnorm
 from tasks.deploy.mobile_export import export_mobile_model
 from tasks.deploy.onnx_export import export_model
 from tasks.deploy.runner import load_deployed
@@ -59,8 +63,59 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
+class TorchvisionPeer(nn.Module):
+    """torchvision's nearest network, raw outputs only (its own pre/post-processing is Python, not exportable):
+    SSDLite320-MobileNetV3-Large backbone + head, or DeepLabv3-MobileNetV3-Large's `out` logits.
+    torchvision has no SSDLite or Mobile DeepLabv3 on MobileNetV2."""
+
+    def __init__(self, task: str, classes: int):  # object classes (detection) / with background (segmentation)
+        super().__init__()
+        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+        from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+        self.task = task
+        if task == "detection":
+            net = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=classes + 1)
+            self.backbone, self.head = net.backbone, net.head
+            self.output_names = ["cls_logits", "bbox_regression"]
+        else:
+            self.net = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=classes,
+                                                    aux_loss=False)
+            self.output_names = ["logits"]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.task == "detection":
+            out = self.head(list(self.backbone(images).values()))
+            return out["cls_logits"], out["bbox_regression"]
+        return (self.net(images)["out"],)
+
+
+def export_peer(peer: TorchvisionPeer, fmt: str, precision: str, path: Path, example: torch.Tensor,
+                calibration: Sequence[torch.Tensor], threads: int):
+    """The peer through the same converters; returns its runner."""
+    meta = {"task": peer.task, "input_size": list(example.shape[-2:]), "output_names": peer.output_names,
+            "class_names": []}
+    if fmt == "onnx":
+        from tasks.deploy.onnx_export import quiet_exporter
+        from tasks.deploy.onnx_runtime import OnnxModel
+
+        with quiet_exporter():
+            torch.onnx.export(peer, (example,), path, input_names=["images"], output_names=peer.output_names,
+                              opset_version=18, dynamo=True, external_data=False)
+        return OnnxModel(path, threads=threads, metadata=meta), path
+    if fmt == "tflite":
+        from tasks.deploy.litert import LiteRTModel, convert_litert
+
+        convert_litert(peer, example, path, precision, calibration)
+        return LiteRTModel(path, threads=threads, metadata=meta), path
+    from tasks.deploy.executorch import ExecuTorchModel, convert_executorch
+
+    convert_executorch(peer, example, path, precision, calibration)
+    return ExecuTorchModel(path, threads=threads, metadata=meta), path
+
+
 def latency_section(tasks: Sequence[str], repeats: int, warmup: int, calibration_images: int, threads: int,
-                    workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+                    workdir: Path, log: Callable[[str], None], peers: bool = True) -> list[dict[str, Any]]:
     rows = []
     settings = DeploySettings()
     for task in tasks:
@@ -100,7 +155,41 @@ def latency_section(tasks: Sequence[str], repeats: int, warmup: int, calibration
             rows.append({"model": name, "task": task, "path": label, "threads": threads,
                          "time_ms": summarise(times).as_dict() if times else None, **info[label]})
         del calls
+        if peers:
+            rows += peer_rows(task, int(cfg.dataset.num_classes), image, calibration,
+                              repeats, warmup, threads, workdir, log)
     return rows
+
+
+def peer_rows(task: str, classes: int, image: torch.Tensor, calibration, repeats: int, warmup: int, threads: int,
+              workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    peer = fold_batchnorm(TorchvisionPeer(task, classes).eval()).eval()
+    size = image.shape[-1]
+    name = (f"torchvision {'SSDLite320-MobileNetV3-Large' if task == 'detection' else 'DeepLabv3-MobileNetV3-Large'}"
+            f" @ {size}")
+
+    @torch.no_grad()
+    def eager():
+        return peer(image)
+
+    x = image.numpy()
+    calls: dict[str, Callable[[], object]] = {EAGER: eager}
+    info: dict[str, dict[str, Any]] = {EAGER: {"size_mb": None, "error": None}}
+    for label, fmt, precision, _ in PATHS:
+        try:
+            runner, path = export_peer(peer, fmt, precision, workdir / f"peer_{task}_{precision}{SUFFIX[fmt]}", image,
+                                       calibration, threads)
+            calls[label] = lambda runner=runner, x=x: runner.run(x)
+            info[label] = {"size_mb": file_mb(path), "error": None}
+            log(f"mobile: {name}: {label} converted, {info[label]['size_mb']:.2f} MB")
+        except Exception as err:  # noqa: BLE001
+            info[label] = {"size_mb": None, "error": _first_line(err)}
+            log(f"mobile: {name}: {label} FAILED: {info[label]['error']}")
+    samples = interleaved(calls, repeats, warmup)
+    return [{"model": name, "task": task, "path": label, "threads": threads, "peer": True,
+             "time_ms": summarise(samples[label]).as_dict() if label in samples else None, **info[label]}
+            for label in info]
 
 
 def metric_section(checkpoints: Sequence[str], calibration_images: int, threads: int, workdir: Path,
@@ -164,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", choices=("detection", "segmentation"), action="append")
     parser.add_argument("--checkpoint", action="append", default=[], help="also measure the metric change")
     parser.add_argument("--no-latency", action="store_true", help="only the metric part (needs --checkpoint)")
+    parser.add_argument("--no-peers", action="store_true", help="without torchvision's networks")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mobilevision-bench-mobile-") as tmp:
         if not args.no_latency:
             results["latency"] = latency_section(args.only or ("detection", "segmentation"), repeats, warmup,
-                                                 2 if args.quick else 8, args.threads, Path(tmp), print)
+                                                 2 if args.quick else 8, args.threads, Path(tmp), print,
+                                                 peers=not args.no_peers)
         if args.checkpoint:
             results["metrics"] = metric_section(args.checkpoint, 8 if args.quick else 32, args.threads,
                                                 Path(tmp), print)
