@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.deploy.in_graph import FLOAT_MODULES
 from tasks.deploy.runner import DeployedModel
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, prec
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        for module_type in FLOAT_MODULES:  # the post-processing stays float32
+            quantizer.set_module_type(module_type, None)
         prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
         with torch.no_grad():
             for image in calibration:

@@ -48,21 +48,17 @@ def check_settings(settings: Mapping[str, Any]) -> None:
                           f"export with nms_in_graph=false (decoding outside the graph) or set them to null.")
 
 
-class DetectionCandidates(nn.Module):
-    """model(images) -> (candidate_boxes [B, K, k, 4] normalised xyxy, candidate_scores [B, K, k])."""
+class CandidateDecoder(nn.Module):
+    """(cls_logits, bbox_regression, anchors) -> (candidate_boxes, candidate_scores). A module of its own so
+    that quantizers can leave it in float (int8 graphs quantize the network, not the decoding)."""
 
-    def __init__(self, model: nn.Module, settings: Mapping[str, Any]):
+    def __init__(self, settings: Mapping[str, Any]):
         super().__init__()
         check_settings(settings)
-        self.model = model
         self.box_coder = BoxCoder(tuple(settings["box_coder_weights"]))
         self.topk = int(settings["topk_candidates"])
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.from_outputs(self.model(images))
-
-    def from_outputs(self, outputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logits, codes, anchors = outputs["cls_logits"], outputs["bbox_regression"], outputs["anchors"]
+    def forward(self, logits: Tensor, codes: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         boxes = self.box_coder.decode(codes.float(), anchors[None]).clamp(0.0, 1.0)  # [B, A, 4]
         scores = F.softmax(logits.float(), dim=-1)[..., 1:].transpose(1, 2)  # [B, K, A]
         scores, index = scores.topk(min(self.topk, scores.shape[-1]), dim=2)  # [B, K, k]
@@ -72,21 +68,41 @@ class DetectionCandidates(nn.Module):
         return candidates, scores
 
 
+class LabelMap(nn.Module):
+    """(logits, images) -> labels [B, H, W] int64: argmax of the logits upsampled to the images' size."""
+
+    def forward(self, logits: Tensor, images: Tensor) -> Tensor:
+        if tuple(logits.shape[-2:]) != tuple(images.shape[-2:]):
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.argmax(1)
+
+
+FLOAT_MODULES = (CandidateDecoder, LabelMap)  # int8 conversion quantizes the network, not these
+
+
+class DetectionCandidates(nn.Module):
+    """model(images) -> (candidate_boxes [B, K, k, 4] normalised xyxy, candidate_scores [B, K, k])."""
+
+    def __init__(self, model: nn.Module, settings: Mapping[str, Any]):
+        super().__init__()
+        self.model = model
+        self.decoder = CandidateDecoder(settings)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = self.model(images)
+        return self.decoder(outputs["cls_logits"], outputs["bbox_regression"], outputs["anchors"])
+
+
 class SegmentationLabels(nn.Module):
     """model(images) -> labels [B, H, W] int64: argmax of the logits upsampled to the input size."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.label_map = LabelMap()
 
     def forward(self, images: Tensor) -> tuple[Tensor]:
-        return (self.from_logits(self.model(images)["logits"], images.shape[-2:]),)
-
-    @staticmethod
-    def from_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return logits.argmax(1)
+        return (self.label_map(self.model(images)["logits"], images),)
 
 
 def in_graph_wrapper(model: nn.Module, meta: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
@@ -148,6 +164,6 @@ def label_maps_to_results(labels: Tensor, image_sizes: Sequence[Sequence[int]],
     return results
 
 
-__all__ = ["DetectionCandidates", "SegmentationLabels", "in_graph_wrapper", "select_detections",
-           "detections_to_results", "label_maps_to_results", "DETECTION_OUTPUTS", "CANDIDATE_OUTPUTS",
-           "SEGMENTATION_OUTPUTS"]
+__all__ = ["CandidateDecoder", "LabelMap", "DetectionCandidates", "SegmentationLabels", "in_graph_wrapper",
+           "select_detections", "detections_to_results", "label_maps_to_results", "FLOAT_MODULES",
+           "DETECTION_OUTPUTS", "CANDIDATE_OUTPUTS", "SEGMENTATION_OUTPUTS"]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.deploy.in_graph import FLOAT_MODULES
 from tasks.deploy.runner import DeployedModel
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
 
             quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
                                                                                       is_dynamic=False))
+            for module_type in FLOAT_MODULES:  # the post-processing stays float32
+                quantizer.set_module_type(module_type, None)
             prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
             with torch.no_grad():
                 for image in calibration:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tasks.deploy.fold_bn import fold_batchnorm
-from tasks.deploy.in_graph import CANDIDATE_OUTPUTS, DetectionCandidates, SegmentationLabels
+from tasks.deploy.in_graph import CANDIDATE_OUTPUTS, CandidateDecoder, LabelMap
 from tasks.deploy.parity import compare_runner
 from tasks.deploy.sidecar import model_metadata, sidecar_path, write_json
 from tasks.errors import ConfigError
@@ -37,26 +37,26 @@ PRECISIONS = ("fp32", "int8")
 
 
 class MobileGraph(nn.Module):
-    """images [1, 3, H, W] -> raw outputs + post-processing outputs, in `output_names` order."""
+    """images [1, 3, H, W] -> raw outputs + post-processing outputs, in `output_names` order. The
+    post-processing is a submodule of its own (`post`), which int8 conversion leaves in float."""
 
     def __init__(self, model: nn.Module, meta: dict[str, Any]):
         super().__init__()
         self.model = model
         self.task = meta["task"]
         if self.task == "detection":
-            self.candidates = DetectionCandidates(model, meta["postprocess"])
+            self.post: nn.Module = CandidateDecoder(meta["postprocess"])
             self.output_names = ["cls_logits", "bbox_regression", *CANDIDATE_OUTPUTS]
         else:
-            self.labels = SegmentationLabels(model)
+            self.post = LabelMap()
             self.output_names = ["logits", "labels"]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model(images)
         if self.task == "detection":
-            # the candidates reuse this forward's outputs: one network pass in the graph
-            boxes, scores = self.candidates.from_outputs(outputs)
+            boxes, scores = self.post(outputs["cls_logits"], outputs["bbox_regression"], outputs["anchors"])
             return outputs["cls_logits"], outputs["bbox_regression"], boxes, scores
-        return outputs["logits"], self.labels.from_logits(outputs["logits"], images.shape[-2:])
+        return outputs["logits"], self.post(outputs["logits"], images)
 
 
 def calibration_images(cfg: DictConfig, count: int, seed: int = 0) -> list[torch.Tensor]:
