@@ -254,10 +254,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--checkpoint", action="append", default=[], help="also measure the metric change")
     parser.add_argument("--no-latency", action="store_true", help="only the metric part (needs --checkpoint)")
     parser.add_argument("--no-peers", action="store_true", help="without torchvision's networks")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 20, --quick 3)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats, warmup = (3, 1) if args.quick else (20, 3)
+    repeats = args.repeats or repeats
     results: dict[str, Any] = {"threads": args.threads, "repeats": repeats, "torch": torch.__version__,
                                "latency": [], "metrics": []}
     with tempfile.TemporaryDirectory(prefix="mobilevision-bench-mobile-") as tmp:

@@ -55,10 +55,11 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
             from torchao.quantization.pt2e import move_exported_model_to_eval
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                      is_dynamic=False))
-            for module_type in FLOAT_MODULES:  # the post-processing stays float32
-                quantizer.set_module_type(module_type, None)
+            config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+            quantizer = _quantizer_class(PT2EQuantizer)().set_global(config)
+            for module_type in FLOAT_MODULES:  # the post-processing stays float32; this quantizer compares
+                # the type names torch.export records, not classes
+                quantizer.set_module_type(f"{module_type.__module__}.{module_type.__qualname__}", None)
             prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
             with torch.no_grad():
                 for image in calibration:
@@ -69,6 +70,17 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
             edge = litert_torch.convert(graph, args)
         edge.export(str(path))
     return path
+
+
+def _quantizer_class(base: type) -> type:
+    """litert-torch's PT2EQuantizer without its `cat` annotation: it gives every input of a concatenation the
+    first input's range, which clipped SSDLite's concatenated per-map outputs (all but the first map's values
+    outside it). The concatenation stays float32; the convolutions around it are int8."""
+
+    class WithoutSharedCat(base):
+        STATIC_OPS = [op for op in base.STATIC_OPS if op != "cat"]
+
+    return WithoutSharedCat
 
 
 class LiteRTModel(DeployedModel):
