@@ -56,7 +56,7 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-            quantizer = _quantizer_class(PT2EQuantizer)().set_global(config)
+            quantizer = PT2EQuantizer().set_global(config)
             for module_type in FLOAT_MODULES:  # the post-processing stays float32; this quantizer compares
                 # the type names torch.export records, not classes
                 quantizer.set_module_type(f"{module_type.__module__}.{module_type.__qualname__}", None)
@@ -70,17 +70,6 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
             edge = litert_torch.convert(graph, args)
         edge.export(str(path))
     return path
-
-
-def _quantizer_class(base: type) -> type:
-    """litert-torch's PT2EQuantizer without its `cat` annotation: it gives every input of a concatenation the
-    first input's range, which clipped SSDLite's concatenated per-map outputs (all but the first map's values
-    outside it). The concatenation stays float32; the convolutions around it are int8."""
-
-    class WithoutSharedCat(base):
-        STATIC_OPS = [op for op in base.STATIC_OPS if op != "cat"]
-
-    return WithoutSharedCat
 
 
 class LiteRTModel(DeployedModel):
