@@ -1,9 +1,9 @@
 """Core ML: an .mlpackage (ML program) converted by coremltools from tasks.deploy.mobile_export.MobileGraph.
 
-The package's own metadata holds what an app needs: `user_defined_metadata` carries the class names, mean,
-std, input size, task and decoding settings (as JSON strings, Core ML's metadata values are strings), the
-description names the preprocessing. Prediction needs Core ML itself (macOS / iOS); elsewhere only the
-conversion runs.
+The package's own metadata holds what an app needs: `user_defined_metadata` carries, as `mobilevision.<key>`,
+the class names, mean, std, input size, task and decoding settings (as JSON strings, Core ML's metadata
+values are strings); the description names the preprocessing. Prediction needs Core ML itself (macOS /
+iOS); elsewhere only the conversion runs.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tasks.deploy.sidecar import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
+PREFIX = "mobilevision."  # coremltools keeps its own keys (its version, the source) beside ours
 METADATA_KEYS = ("task", "class_names", "mean", "std", "input_size", "input_layout", "preprocess", "postprocess",
                  "label_to_cat_id")
 
@@ -45,9 +46,9 @@ def convert_coreml(graph: nn.Module, example: torch.Tensor, path: Path, precisio
     model.short_description = (f"mobilevision {meta['task']} model; input {INPUT_NAME} [1, 3, "
                                f"{meta['input_size'][0]}, {meta['input_size'][1]}] float32 RGB, "
                                f"{meta['input_layout']}; see user_defined_metadata")
-    model.user_defined_metadata.update({key: json.dumps(meta.get(key)) for key in METADATA_KEYS})
-    model.user_defined_metadata["output_names"] = json.dumps(list(graph.output_names))
-    tmp = path.with_name(f".{path.name}.tmp")
+    model.user_defined_metadata.update({PREFIX + key: json.dumps(meta.get(key)) for key in METADATA_KEYS})
+    model.user_defined_metadata[PREFIX + "output_names"] = json.dumps(list(graph.output_names))
+    tmp = path.with_name(f".tmp.{path.name}")  # Core ML insists on the .mlpackage suffix
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
     if path.exists():
@@ -61,7 +62,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(path))
-    return {k: json.loads(v) for k, v in spec.description.metadata.userDefined.items()}
+    return {k[len(PREFIX):]: json.loads(v) for k, v in spec.description.metadata.userDefined.items()
+            if k.startswith(PREFIX)}
 
 
 __all__ = ["convert_coreml", "prediction_unavailable_reason", "read_metadata"]
