@@ -154,6 +154,8 @@ def latency_section(tasks: Sequence[str], repeats: int, warmup: int, calibration
             times = samples.get(label)
             rows.append({"model": name, "task": task, "path": label, "threads": threads,
                          "time_ms": summarise(times).as_dict() if times else None, **info[label]})
+            if times:  # as soon as measured: a long run stopped later still leaves these figures
+                log(f"mobile: {name}: {label}: median {summarise(times).median:.1f} ms, {threads} threads")
         del calls
         if peers:
             rows += peer_rows(task, int(cfg.dataset.num_classes), image, calibration,
