@@ -85,8 +85,11 @@ def test_int8_is_quantized_and_close_to_pytorch(fmt, task, artifacts, tmp_path_f
                      f"(negative logits / box codes clipped near 0) although the PT2E model it converts is within "
                      f"~1 % of PyTorch; parity {parity}")
     assert max(parity["raw_relative_diff"].values()) < 0.5, parity
-    # No bound on the int8 label maps here: this network's logits are nearly tied everywhere, so ~1 % of
-    # logit error flips most argmaxes (ExecuTorch int8: 0.6 % logit error, 18 % pixel agreement).
+    if task == "segmentation":
+        if fmt == "executorch" and parity["pixel_agreement"] <= 0.5:
+            pytest.xfail(f"known: ExecuTorch's int8 .pte gives logits within ~1 % of PyTorch but an in-graph label "
+                         f"map (bilinear upsample + argmax, left in float) that disagrees; parity {parity}")
+        assert parity["pixel_agreement"] > 0.5, parity
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "executorch"])
