@@ -141,6 +141,7 @@ def latency_section(tasks: Sequence[str], repeats: int, warmup: int, calibration
                 path = export_path(model, cfg, fmt, precision, workdir / f"{task}_{precision}{SUFFIX[fmt]}",
                                    calibration, check=False)
                 runner = load_deployed(path, runtime, threads)
+                runner.run(x)  # a file that converts but does not run is an error row, not a crash in the timing
                 calls[label] = lambda runner=runner, x=x: runner.run(x)
                 info[label] = {"size_mb": file_mb(path), "error": None,
                                "convert_s": round(time.perf_counter() - start, 1)}
@@ -182,6 +183,7 @@ def peer_rows(task: str, classes: int, image: torch.Tensor, calibration, repeats
         try:
             runner, path = export_peer(peer, fmt, precision, workdir / f"peer_{task}_{precision}{SUFFIX[fmt]}", image,
                                        calibration, threads)
+            runner.run(x)
             calls[label] = lambda runner=runner, x=x: runner.run(x)
             info[label] = {"size_mb": file_mb(path), "error": None}
             log(f"mobile: {name}: {label} converted, {info[label]['size_mb']:.2f} MB")
