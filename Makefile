@@ -4,13 +4,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint clean browser
+# The on-device converters (executorch, litert-torch, coremltools: several GB) get their own venv, so that
+# `make test` stays light; `make test-mobile` sets it up by itself and runs the tests marked `mobile`.
+VENV_MOBILE  ?= .venv-mobile
+PY_MOBILE    := $(VENV_MOBILE)/bin/python
+STAMP_MOBILE := $(VENV_MOBILE)/.installed
+
+.PHONY: demo test test-slow test-mobile bench bench-mobile lint clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
+
+$(STAMP_MOBILE): pyproject.toml
+	@test -x $(PY_MOBILE) || $(PYTHON) -m venv $(VENV_MOBILE)
+	$(PY_MOBILE) -m pip install --quiet --upgrade pip
+	$(PY_MOBILE) -m pip install --quiet -e ".[dev,mobile]"
+	@touch $(STAMP_MOBILE)
 
 demo: $(STAMP)
 	$(PY) -m tasks.demo
@@ -33,11 +45,17 @@ browser:
 		echo "no chromium and no apt-get: the report rendering test will be skipped"; \
 	fi
 
+test-mobile: $(STAMP_MOBILE)
+	$(PY_MOBILE) -m pytest -q -m mobile
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+bench-mobile: $(STAMP_MOBILE)
+	$(PY_MOBILE) -m benchmarks.mobile
 
 lint: $(STAMP)
 	$(PY) -m ruff check mobilevision backbones heads tasks tests benchmarks
 
 clean:
-	rm -rf $(VENV) outputs data .pytest_cache
+	rm -rf $(VENV) $(VENV_MOBILE) outputs data .pytest_cache

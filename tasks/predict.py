@@ -1,5 +1,6 @@
 """Run a trained model on images, folders or videos:
-`python -m tasks.predict checkpoint=... inputs=[img.jpg,folder/,clip.mp4] [runtime=onnxruntime] [onnx=model.onnx]`.
+`python -m tasks.predict checkpoint=... inputs=[img.jpg,folder/,clip.mp4] [runtime=onnxruntime] [onnx=model.onnx]`
+(or `runtime=litert|executorch artifact=model.tflite|model.pte`).
 
 Preprocessing is the checkpoint's own val transforms (instantiated, through tasks.resolve's allow-list,
 from the training config it carries, or from the ONNX sidecar's copy of it); class names and category ids
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
-RUNTIMES = ("pytorch", "onnxruntime")
+RUNTIMES = ("pytorch", "onnxruntime", "litert", "executorch")
 PER_IMAGE_FOLDERS = ("images", "detections", "masks")
 
 
@@ -193,7 +194,8 @@ class Preprocessor:
 def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir: Path,
                  threads: int | None = None, device: str = "cpu",
                  trusted: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
-    """(model with the PyTorch model's surface, its sidecar-style description)."""
+    """(model with the PyTorch model's surface, its sidecar-style description). For litert and executorch,
+    `onnx` is the deployed file (.tflite / .pte) made by `tasks.export format=...`."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime={runtime} is not allowed; expected one of {', '.join(RUNTIMES)}.")
     if runtime == "pytorch":
@@ -205,6 +207,13 @@ def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir
         meta = model_metadata(cfg) | {"train_config": OmegaConf.to_container(cfg, resolve=True),
                                       "config_source": f"checkpoint {checkpoint}"}
         return model.to(device), meta
+    if runtime != "onnxruntime":
+        from tasks.deploy.runner import load_deployed
+
+        if not onnx:
+            raise ConfigError(f"runtime={runtime} needs artifact=<file made by tasks.export format=...>.")
+        model = load_deployed(onnx, runtime, threads)
+        return model, dict(model.metadata) | {"config_source": f"the sidecar of {onnx}"}
     from tasks.deploy.onnx_runtime import OnnxModel
 
     if not onnx:
@@ -342,9 +351,9 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     inputs = list(cfg.inputs) if isinstance(cfg.inputs, (ListConfig, list, tuple)) else [cfg.inputs]
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
-    summary = predict(cfg.checkpoint, inputs, out_dir, cfg.runtime, cfg.onnx, cfg.batch_size, cfg.video_stride,
-                      cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads, cfg.device,
-                      list(cfg.trusted_targets), cfg.get("channels_last", True))
+    summary = predict(cfg.checkpoint, inputs, out_dir, cfg.runtime, cfg.get("artifact") or cfg.onnx, cfg.batch_size,
+                      cfg.video_stride, cfg.max_frames, cfg.draw_score_threshold, cfg.mask_alpha, cfg.threads,
+                      cfg.device, list(cfg.trusted_targets), cfg.get("channels_last", True))
     skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
     print(f"{len(summary['outputs'])} images predicted ({summary['task']}, {summary['runtime']}){skipped}; "
           f"results in {out_dir}")

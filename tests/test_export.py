@@ -13,7 +13,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from backbones.layers import ConvBNAct
 from tasks.deploy.fold_bn import fold_batchnorm, fold_conv_bn
-from tasks.deploy.onnx_export import export_checkpoint
 from tasks.deploy.onnx_runtime import OnnxModel, decode_segmentation
 from tasks.deploy.sidecar import read_sidecar
 from tasks.detection.coco import CocoDetection
@@ -161,5 +160,3 @@ def test_bad_inputs_fail_with_one_sentence(artifacts, tmp_path):
     lone.write_bytes(Path(artifacts["segmentation"]["onnx"]).read_bytes())
     with pytest.raises(FileNotFoundError, match="sidecar"):
         OnnxModel(lone)
-    with pytest.raises(ValueError, match="nms_in_graph"):
-        export_checkpoint(artifacts["segmentation"]["checkpoint"], tmp_path / "x.onnx", nms_in_graph=True)

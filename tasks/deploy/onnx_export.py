@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tasks.deploy.fold_bn import fold_batchnorm
+from tasks.deploy.in_graph import CANDIDATE_OUTPUTS, DETECTION_OUTPUTS, in_graph_wrapper, max_detections
+from tasks.deploy.parity import check_in_graph_parity
 from tasks.deploy.sidecar import INPUT_NAME, model_metadata, refuse_to_overwrite, sidecar_path, write_json
 from tasks.errors import ConfigError
 from tasks.training.trained import load_trained_model
@@ -86,12 +88,13 @@ def _batched(name: str, tensor: torch.Tensor, batch: int) -> bool:
 
 def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int = DEFAULT_OPSET,
                  dynamo: bool = True, upsample_logits: bool = False, check: bool = True,
-                 check_tolerance: float = 1e-3, source: str | None = None) -> Path:
+                 check_tolerance: float = 1e-3, source: str | None = None, nms_in_graph: bool = False) -> Path:
     """Fold BN, export `model` to `path` (one self-contained .onnx file) and write the sidecar beside it.
 
     With `check`, ONNX Runtime runs the file on a random batch of 2 and a batch of 1; the largest
     absolute difference to PyTorch (the unfolded model) goes into the sidecar, and a difference above
-    `check_tolerance` is an error.
+    `check_tolerance` is an error. With `nms_in_graph`, the graph ends in the post-processing
+    (tasks/deploy/in_graph.py, tasks/deploy/onnx_nms.py) and the check compares final detections / label maps.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +107,9 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
         reference = dict(model(example))
     names = list(reference)
     wrapper = ExportWrapper(folded, names, upsample_logits).eval()
+    if nms_in_graph:
+        wrapper, names = in_graph_wrapper(folded, meta)
+        reference = dict(zip(names, wrapper(example)))
     with torch.no_grad():
         shapes = {n: list(t.shape) for n, t in zip(names, wrapper(example))}
     batched = {n for n in names if _batched(n, reference[n], example.shape[0])}
@@ -126,6 +132,17 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
             other = "dynamo=false (the TorchScript exporter)" if dynamo else "dynamo=true"
             raise RuntimeError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}, opset {opset}) "
                                f"failed: {first}; try {other} or another opset.") from err
+        if nms_in_graph and meta["task"] == "detection":
+            import onnx
+
+            from tasks.deploy.onnx_nms import append_nms
+
+            _, num_classes, k = shapes[CANDIDATE_OUTPUTS[1]]
+            onnx.save(append_nms(onnx.load(tmp), meta["postprocess"], num_classes, k), tmp)
+            names = list(DETECTION_OUTPUTS)
+            shapes = {"boxes": [2, max_detections(meta["postprocess"], num_classes, k), 4]}
+            shapes |= {"scores": shapes["boxes"][:2], "labels": shapes["boxes"][:2], "num_detections": [2]}
+            batched = set(names)
         meta |= {
             "output_names": names,
             "output_shapes": {n: (["batch", *s[1:]] if n in batched else s) for n, s in shapes.items()},
@@ -134,8 +151,11 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
             "batchnorms_folded": int(folded.folded_batchnorms),
             "source_checkpoint": source,
             "train_config": OmegaConf.to_container(cfg, resolve=True),
+            "postprocess_in_graph": bool(nms_in_graph),
         }
-        if check:  # against the original, unfolded model
+        if check and nms_in_graph:
+            meta["parity"] = check_in_graph_parity(_ort_runner(tmp), model, meta, example)
+        elif check:  # against the original, unfolded model
             unfolded = ExportWrapper(model, names, upsample_logits).eval()
             meta["parity"] = check_parity(tmp, unfolded, names, example, check_tolerance)
         os.replace(tmp, path)
@@ -143,6 +163,17 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
         tmp.unlink(missing_ok=True)
     write_json(meta, sidecar_path(path))
     return path
+
+
+def _ort_runner(path: Path):
+    """images (numpy) -> {output name: numpy} through one ONNX Runtime session on one thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda images: dict(zip(names, session.run(names, {INPUT_NAME: images})))
 
 
 def check_parity(path: Path, wrapper: nn.Module, names: Sequence[str], example: torch.Tensor,
@@ -177,13 +208,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, opset: int = D
                       upsample_logits: bool = False, check: bool = True, nms_in_graph: bool = False,
                       trusted: Sequence[str] = (), overwrite: bool = False) -> Path:
     """`checkpoint` -> `output` (.onnx) + its sidecar; returns the .onnx path."""
-    if nms_in_graph:
-        raise ConfigError("nms_in_graph=true is not supported yet; the graph returns raw outputs and "
-                          "tasks.deploy.onnx_runtime.decode_detections does the decoding and NMS.")
     output = Path(output)
     if output.suffix != ".onnx":
         raise ConfigError(f"output={output} must end in .onnx.")
     refuse_to_overwrite([output, sidecar_path(output)], overwrite)
     model, cfg = load_trained_model(checkpoint, trusted=trusted)
-    return export_model(model, cfg, output, opset, dynamo, upsample_logits, check, source=str(checkpoint))
+    return export_model(model, cfg, output, opset, dynamo, upsample_logits, check, source=str(checkpoint),
+                        nms_in_graph=nms_in_graph)
 

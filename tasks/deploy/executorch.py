@@ -1,0 +1,89 @@
+"""ExecuTorch: a .pte lowered to the XNNPACK backend (fp32, or int8 by PT2E static quantization with
+XNNPACK's quantizer) and a runner over ExecuTorch's Python runtime with the PyTorch model's surface.
+
+Both come from `mobilevision[mobile]`. The graph is tasks.deploy.mobile_export.MobileGraph at batch 1. NMS
+stays outside the graph (ExecuTorch has no NMS kernel; torchvision::nms does not lower to XNNPACK): the
+runner applies tasks.deploy.in_graph.select_detections to the candidates. Ops XNNPACK does not take
+(top-k, gather, argmax) run in ExecuTorch's portable kernels.
+
+int8: weights int8 symmetric per channel, activations int8 (XNNPACKQuantizer's symmetric config), observers
+calibrated on the given images; input and outputs stay float32 (quantize / dequantize inside the graph).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.deploy.in_graph import FLOAT_MODULES
+from tasks.deploy.runner import DeployedModel
+
+log = logging.getLogger(__name__)
+
+
+def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, precision: str = "fp32",
+                       calibration: Sequence[torch.Tensor] = ()) -> Path:
+    """`graph` (batch-1 example) -> a .pte file at `path`, delegated to XNNPACK."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    args = (example,)
+    if precision == "int8":
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        for module_type in FLOAT_MODULES:  # the post-processing stays float32
+            quantizer.set_module_type(module_type, None)
+        prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
+        with torch.no_grad():
+            for image in calibration:
+                prepared(image[None] if image.dim() == 3 else image)
+        graph = move_exported_model_to_eval(convert_pt2e(prepared))
+    program = torch.export.export(graph, args)
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(lowered.buffer)
+    tmp.replace(path)
+    return path
+
+
+class ExecuTorchModel(DeployedModel):
+    """A .pte and its sidecar, run by ExecuTorch's Python runtime (XNNPACK on the CPU)."""
+
+    batch = 1
+
+    def __init__(self, path: str | Path, threads: int | None = None, metadata: Mapping[str, Any] | None = None):
+        from executorch.runtime import Runtime
+
+        super().__init__(path, metadata)
+        if threads:  # XNNPACK's thread pool is ExecuTorch's; it is set process-wide
+            _set_threadpool_size(int(threads))
+        self.program = Runtime.get().load_program(str(self.path))
+        self.method = self.program.load_method("forward")
+        self.output_names = list(self.metadata["output_names"])
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.method.execute([torch.from_numpy(images)])
+        return {name: value.numpy().copy() for name, value in zip(self.output_names, outputs)}
+
+
+def _set_threadpool_size(threads: int) -> None:
+    try:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
+    except (ImportError, AttributeError, RuntimeError) as err:
+        log.debug("ExecuTorch's thread pool size cannot be set here (%s); it uses its default", err)
+
+
+__all__ = ["ExecuTorchModel", "convert_executorch"]
