@@ -4,7 +4,8 @@
   (normalised xyxy, clipped to [0, 1]), softmax scores without the background column, and per class the
   `topk_candidates` best anchors, of which only the image's `nms_pre` best pairs keep their score.
   Outputs `candidate_boxes` [B, K, k, 4] and `candidate_scores` [B, K, k] (sorted, highest first). NMS
-  follows in the runtime's own op (ONNX: tasks/deploy/onnx_nms.py) or outside the graph (`select_detections`, the same rule in PyTorch).
+  follows in the runtime's own op (ONNX: tasks/deploy/onnx_nms.py) or outside the graph (`select_detections`,
+  the same rule in PyTorch).
 - `SegmentationLabels`: logits upsampled (bilinear) to the input size and their argmax, `labels` [B, H, W].
 
 Boxes are normalised because the graph does not know the original image size; the head scales by (w, h)
