@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import tasks.detection.coco as coco_module
+import tasks.images as images_module
 import tasks.segmentation.voc as voc_module
 from tasks.datasets.shapes import SHAPE_CLASSES, ensure_shapes
 from tasks.detection.coco import CocoDetection
@@ -82,13 +82,14 @@ def _pillow_rgb(path: Path) -> np.ndarray:
 
 @contextlib.contextmanager
 def pillow_decoding() -> Iterator[None]:
-    """Both datasets decode with Pillow (the previous path) inside this block."""
-    saved = coco_module.decode_rgb, voc_module.decode_rgb
-    coco_module.decode_rgb = voc_module.decode_rgb = _pillow_rgb
+    """Both datasets decode with Pillow (the previous path) inside this block: tasks.images.load_rgb (COCO
+    detection) and VOC segmentation's own reference to decode_rgb."""
+    saved = images_module.decode_rgb, voc_module.decode_rgb
+    images_module.decode_rgb = voc_module.decode_rgb = _pillow_rgb
     try:
         yield
     finally:
-        coco_module.decode_rgb, voc_module.decode_rgb = saved
+        images_module.decode_rgb, voc_module.decode_rgb = saved
 
 
 def _batches(dataset, batch: int, pillow: bool) -> Callable[[], object]:
