@@ -28,7 +28,7 @@ from tasks.deploy.parity import compare_runner
 from tasks.deploy.sidecar import model_metadata, refuse_to_overwrite, sidecar_path, write_json
 from tasks.errors import ConfigError, DataError
 from tasks.resolve import instantiate_from_file
-from tasks.training.trained import load_trained_model
+from tasks.training.trained import load_trained_model, rebase_dataset_root
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,14 @@ def export_mobile(checkpoint: str | Path, fmt: str, output: str | Path, precisio
     output = Path(output)
     refuse_to_overwrite([output, sidecar_path(output)], overwrite)
     model, cfg = load_trained_model(checkpoint, trusted=trusted)
-    cfg = calibration_config(cfg, output.parent, dataset_root)
+    if dataset_root is not None:
+        cfg = rebase_dataset_root(cfg, dataset_root)
+    calibration = None
+    if precision == "int8":  # the sidecar keeps the checkpoint's own dataset paths; only calibration moves
+        calibration = calibration_images(calibration_config(cfg, output.parent, None), num_calibration,
+                                         source=str(checkpoint), trusted=trusted)
     return export_mobile_model(model, cfg, fmt, output, precision, num_calibration, check, source=str(checkpoint),
-                               trusted=trusted)
+                               calibration=calibration, trusted=trusted)
 
 
 def summary_line(path: Path, meta: dict[str, Any]) -> str:
