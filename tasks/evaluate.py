@@ -47,7 +47,8 @@ def evaluate_checkpoint(checkpoint: str | Path | None, run_dir: str | Path, data
     report.html (tasks/analysis/evaluation_report.py) in run_dir."""
     if runtime == "pytorch":
         if not checkpoint:
-            raise ConfigError("runtime=pytorch needs checkpoint=<path to a tasks.train checkpoint>.")
+            raise ConfigError("checkpoint is required but was not given; expected checkpoint=<value> on the command "
+                              "line.")
         model, cfg = load_trained_model(checkpoint, dataset_root, trusted_targets)
         source = f"checkpoint {checkpoint}"
     elif multiscale_flip:

@@ -82,7 +82,7 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
         if fresh and dist.is_main():
             log.info("init_from %s: %d tensors whose shapes no longer fit were re-initialised: %s",
                      cfg.init_from, len(fresh), ", ".join(fresh))
-    if use_sync_bn(cfg.sync_bn, cfg.batch_size, dist.world_size()):
+    if use_sync_bn(cfg.sync_bn, cfg.batch_size, dist.world_size(), device.type == "cuda"):
         if cfg.sync_bn == "auto":
             log.info("sync_bn=auto: SyncBatchNorm on (%d images per process over %d processes)",
                      cfg.batch_size, dist.world_size())

@@ -193,7 +193,7 @@ def test_one_override_trains_evaluates_predicts_and_exports_real_photos(voc_subs
                               f"output_dir={tmp_path / 'pred'}", f"hydra.run.dir={tmp_path / 'p'}"],
                              capture_output=True, text=True, timeout=300)
     assert predict.returncode == 0, predict.stderr[-3000:]
-    assert (tmp_path / "pred" / f"{photo.stem}.json").is_file()
+    assert (tmp_path / "pred" / "detections" / f"{photo.stem}.json").is_file()
     export = subprocess.run([*common, "tasks.export", f"checkpoint={checkpoint}", f"output={tmp_path / 'm.onnx'}",
                              f"hydra.run.dir={tmp_path / 'e'}"], capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]

@@ -59,6 +59,9 @@ def test_lr_scales_linearly_with_the_global_batch():
 def test_sync_bn_auto_turns_on_for_small_per_process_batches_in_multi_process_runs():
     assert use_sync_bn("auto", 2, 8) and not use_sync_bn("auto", 16, 8) and not use_sync_bn("auto", 2, 1)
     assert use_sync_bn(True, 32, 2) and not use_sync_bn(False, 2, 8)
+    assert not use_sync_bn("auto", 2, 8, on_gpu=False)  # SyncBatchNorm is CUDA-only: auto stays off on CPU
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        use_sync_bn(True, 32, 2, on_gpu=False)
     with pytest.raises(ConfigError, match="sync_bn=maybe"):
         use_sync_bn("maybe", 2, 2)
 

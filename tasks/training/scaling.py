@@ -17,10 +17,14 @@ def scaled_lr(lr: float, batch_size: int, world_size: int, reference_batch: int 
     return float(lr) * batch_size * world_size / reference_batch
 
 
-def use_sync_bn(setting: bool | str, batch_size: int, world_size: int) -> bool:
-    """sync_bn=auto: on in a multi-process run whose per-process batch is below SMALL_BN_BATCH."""
+def use_sync_bn(setting: bool | str, batch_size: int, world_size: int, on_gpu: bool = True) -> bool:
+    """sync_bn=auto: on in a multi-process GPU run whose per-process batch is below SMALL_BN_BATCH
+    (PyTorch's SyncBatchNorm runs on CUDA only, so auto stays off on CPU)."""
     if setting == "auto":
-        return world_size > 1 and batch_size < SMALL_BN_BATCH
+        return on_gpu and world_size > 1 and batch_size < SMALL_BN_BATCH
     if isinstance(setting, bool):
+        if setting and world_size > 1 and not on_gpu:
+            raise ConfigError("sync_bn=true needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); use "
+                              "sync_bn=false or sync_bn=auto on CPU.")
         return setting and world_size > 1
     raise ConfigError(f"sync_bn={setting} is not allowed; expected true, false or auto.")
