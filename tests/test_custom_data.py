@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_train, write_voc_subset
+from helpers import compose_train
 from hydra.utils import instantiate
 from PIL import Image
 
 import tasks  # noqa: F401  (registers the ${mv.*} resolvers the configs use)
+from benchmarks.coco_subset import write_voc_subset
 from tasks.datasets.check import check_dataset
 from tasks.errors import ConfigError
 from tasks.segmentation.palette import VOC_PALETTE
@@ -58,6 +59,50 @@ def test_a_labels_file_sets_the_classes_and_their_order(tmp_path, voc_subset):
         (tmp_path / name).symlink_to(voc_subset / name)
     cfg = compose_train(["dataset=voc_det_custom", f"dataset.root={tmp_path}"])
     assert list(cfg.dataset.class_names) == ["person", "dog", "car"] and cfg.dataset.num_classes == 3
+
+
+def test_a_class_subset_keeps_only_those_objects_and_counts_the_rest(voc_subset, caplog):
+    xml_counts = {c: sum(xml.read_text().count(f"<name>{c}</name>")
+                         for xml in (voc_subset / "Annotations").glob("*.xml")
+                         if xml.stem in (voc_subset / "ImageSets/Main/train.txt").read_text().split())
+                  for c in CLASSES}
+    cfg = compose_train(["dataset=voc_det_custom", f"dataset.root={voc_subset}", "dataset.class_names=[dog]"])
+    assert cfg.dataset.num_classes == 1
+    with caplog.at_level("INFO", logger="tasks.detection.voc"):
+        train = instantiate(cfg.dataset.train)
+    assert sum(len(r.labels) for r in train.records) == xml_counts["dog"]
+    assert {int(label) for r in train.records for label in r.labels} == {0}
+    left = xml_counts["person"] + xml_counts["car"]
+    assert f"{left} objects of classes outside class_names were left out" in caplog.text
+    report = check_dataset(cfg.dataset)  # the start-up check agrees with the loader
+    assert report.ok and report.splits[0].per_class == {"dog": xml_counts["dog"]}
+
+
+def test_a_misspelt_class_in_a_subset_names_what_the_xml_holds(voc_subset):
+    cfg = compose_train(["dataset=voc_det_custom", f"dataset.root={voc_subset}", "dataset.class_names=[Dog]"])
+    sentence = r"class_names \['Dog'\] have no object in this split; expected names as the xml writes them " \
+               r"\(car, dog, person\)"
+    report = check_dataset(cfg.dataset)  # what tasks.train says before it builds anything
+    assert not report.ok and re.search(sentence, report.sentence())
+    with pytest.raises(Exception, match=sentence):  # the loader itself refuses too (DataError, inside Hydra's)
+        instantiate(cfg.dataset.train)
+
+
+def test_without_imagesets_train_and_val_are_a_seeded_split_of_the_xml(tmp_path, voc_subset):
+    for name in ("JPEGImages", "Annotations"):
+        (tmp_path / name).symlink_to(voc_subset / name)
+    stems = sorted(p.stem for p in (voc_subset / "Annotations").glob("*.xml"))
+    cfg = compose_train(["dataset=voc_det_custom", f"dataset.root={tmp_path}", "dataset.val_fraction=0.25"])
+    train, val = instantiate(cfg.dataset.train), instantiate(cfg.dataset.val)
+    assert sorted(train.image_names + val.image_names) == stems  # disjoint and complete
+    assert len(val) == round(len(stems) * 0.25)
+    again = instantiate(compose_train(["dataset=voc_det_custom", f"dataset.root={tmp_path}",
+                                       "dataset.val_fraction=0.25"]).dataset.val)
+    other = instantiate(compose_train(["dataset=voc_det_custom", f"dataset.root={tmp_path}",
+                                       "dataset.val_fraction=0.25", "dataset.split_seed=1"]).dataset.val)
+    assert again.image_names == val.image_names != other.image_names
+    report = check_dataset(cfg.dataset)
+    assert report.ok and [s.images for s in report.splits] == [len(train), len(val)]
 
 
 def test_custom_voc_passes_the_dataset_check_and_check_data(voc_subset):

@@ -105,8 +105,10 @@ def check_dataset(dataset_cfg: Any, decode_images: bool = False, max_examples: i
             roots = [Path(str(root))] if isinstance(root, str) else [Path(str(r)) for r in root]
             image_set = args.get("image_set", "train")
             sets = [image_set] * len(roots) if isinstance(image_set, str) else [str(s) for s in image_set]
-            report.splits.append(check_voc_det(name, roots, sets, list(args.get("class_names") or VOC_DET_CLASSES),
-                                                decode_images, probs))
+            report.splits.append(check_voc_det(
+                name, roots, sets, list(args.get("class_names") or VOC_DET_CLASSES), decode_images, probs,
+                args.get("holdout"), float(args.get("val_fraction", 0.2)), int(args.get("split_seed", 0)),
+                str(args.get("other_classes", "error"))))
         else:
             names = list(args.get("class_names") or VOC_SEG_CLASSES)
             if num_classes is not None and int(num_classes) != len(names):

@@ -57,6 +57,14 @@ def voc_det_class_names(root: str) -> list[str]:
     return sorted(found)
 
 
+def voc_holdout(root: str, train_split: str, val_split: str, part: str) -> str | None:
+    """None when ImageSets/Main has either split's list (they are used, and a missing one is reported);
+    else `part`: train and val are drawn from Annotations/*.xml by dataset.val_fraction and split_seed."""
+    lists = _root(root, "VOC-layout") / "ImageSets" / "Main"
+    has_lists = any((lists / f"{split}.txt").is_file() for split in (train_split, val_split))
+    return None if has_lists else part
+
+
 def voc_seg_class_names(root: str) -> list[str]:
     """`labels.txt` (index order, background first), else one name per index the masks use
     ("background", "class_1", ...): the palette PNGs' largest index below 255 sets the count."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from tasks.datasets.report import (
     short_list,
 )
 from tasks.detection.check_boxes import check_boxes
+from tasks.detection.voc import voc_image_names
+from tasks.errors import DataError
 
 
 def _xml_text(node: ET.Element | None) -> str | None:
@@ -49,7 +52,9 @@ def _read_list(list_file: Path, probs: Collector, what: str) -> list[str] | None
 
 
 def check_voc_det(name: str, roots: list[Path], image_sets: list[str], class_names: list[str], decode: bool,
-                   probs: Collector) -> SplitSummary:
+                   probs: Collector, holdout: str | None = None, val_fraction: float = 0.2, split_seed: int = 0,
+                   other_classes: str = "error") -> SplitSummary:
+    """`holdout`/`val_fraction`/`split_seed` and `other_classes` as VOCDetection takes them."""
     summary = SplitSummary(name, "voc_det", ", ".join(f"{r}/{s}" for r, s in zip(roots, image_sets)),
                            ignored_name="difficult")
     label_of = {c: i for i, c in enumerate(class_names)}
@@ -60,8 +65,16 @@ def check_voc_det(name: str, roots: list[Path], image_sets: list[str], class_nam
     owner: list[tuple[Path, int, list[float]]] = []  # (xml, object number, raw xmin/ymin/xmax/ymax)
     image_has_box: list[int] = []  # record index of each box
     records = 0
+    left_out: Counter | None = Counter() if other_classes == "ignore" else None
     for root, image_set in zip(roots, image_sets):
-        names = _read_list(root / "ImageSets" / "Main" / f"{image_set}.txt", probs, "VOC detection")
+        if holdout is None:
+            names = _read_list(root / "ImageSets" / "Main" / f"{image_set}.txt", probs, "VOC detection")
+        else:
+            try:
+                names = voc_image_names(root, image_set, holdout, val_fraction, split_seed)
+            except DataError as err:
+                probs.add("missing file", root / "Annotations", str(err))
+                names = None
         if names is None:
             continue
         xml_dir, jpg_dir = root / "Annotations", root / "JPEGImages"
@@ -87,7 +100,7 @@ def check_voc_det(name: str, roots: list[Path], image_sets: list[str], class_nam
         jpg_paths = [jpg for _, jpg in todo if jpg is not None]  # headers (and JPEG ends) even without decode
         decoded = dict(zip(jpg_paths, pool_map(lambda path: open_image(path, decode), jpg_paths)))
         for xml, jpg in todo:
-            parsed = _parse_voc(xml, jpg, label_of, decoded.get(jpg), probs)
+            parsed = _parse_voc(xml, jpg, label_of, decoded.get(jpg), probs, left_out)
             if parsed is None:
                 continue
             size, objects = parsed
@@ -100,6 +113,10 @@ def check_voc_det(name: str, roots: list[Path], image_sets: list[str], class_nam
                 owner.append((xml, number, raw))
                 image_has_box.append(records - 1)
     summary.images = records
+    if left_out:
+        probs.add("other classes left out", roots[0], f"{name}: {sum(left_out.values())} objects of classes outside "
+                  f"class_names were left out ({', '.join(f'{n} {c}' for c, n in left_out.most_common(8))}).",
+                  fatal=False)
     arr = np.asarray(boxes, np.float64).reshape(-1, 4)
     keep = check_boxes(probs, arr, np.asarray(sizes, np.float64).reshape(-1, 2), lambda i: (
         owner[i][0], f"{owner[i][0]}: object {owner[i][1]} ({class_names[labels[i]]}) bndbox "
@@ -107,15 +124,22 @@ def check_voc_det(name: str, roots: list[Path], image_sets: list[str], class_nam
     lab, diff = np.asarray(labels, np.int64), np.asarray(difficult, bool)
     counts = np.bincount(lab[keep & ~diff], minlength=len(class_names))
     summary.per_class = {c: int(n) for c, n in zip(class_names, counts)}
+    absent = [c for c, n in summary.per_class.items() if n == 0]
+    if left_out is not None and absent and records and name.startswith("train"):
+        found = ", ".join(sorted(set(left_out) | {c for c, n in summary.per_class.items() if n}))
+        probs.add("missing class", roots[0], f"{name}: class_names {absent} have no object in this split; "
+                  f"expected names as the xml writes them ({found}).")
     summary.ignored = int((keep & diff).sum())
     summary.images_without_objects = records - len(set(np.asarray(image_has_box)[keep & ~diff].tolist()))
     return summary
 
 
 def _parse_voc(xml: Path, jpg: Path | None, label_of: dict[str, int],
-               decoded: tuple[tuple[int, int] | None, str | None] | None, probs: Collector):
+               decoded: tuple[tuple[int, int] | None, str | None] | None, probs: Collector,
+               left_out: Counter | None = None):
     """(image (width, height), [(object number, raw coords, xyxy box, label, difficult)]) or None.
-    `decoded`: open_image's result for the jpg when decoding, else None."""
+    `decoded`: open_image's result for the jpg when decoding, else None. With `left_out`, objects of other
+    classes are counted there instead of reported."""
     try:
         tree = ET.parse(xml).getroot()
     except ET.ParseError as err:
@@ -160,6 +184,9 @@ def _parse_voc(xml: Path, jpg: Path | None, label_of: dict[str, int],
     objects = []
     for number, obj in enumerate(tree.findall("object"), 1):
         cls = _xml_text(obj.find("name"))
+        if cls not in label_of and cls is not None and left_out is not None:
+            left_out[cls] += 1
+            continue
         if cls not in label_of:
             found = f"class {cls!r:.40}" if cls is not None else "no <name>"
             probs.add("unknown category", xml, f"{xml}: object {number} has {found}; expected one of "

@@ -167,8 +167,9 @@ def _select_categories(cats: list[dict], class_names: Sequence[str], ann_file: P
     return [by_name[str(n)] for n in class_names]
 
 
-def holdout_split(image_ids: list[int], part: str, val_fraction: float, seed: int, ann_file: Path) -> list[int]:
-    """A seeded, reproducible train/val split of one json's images (val gets round(n * val_fraction))."""
+def holdout_split(image_ids: list, part: str, val_fraction: float, seed: int, ann_file: Path) -> list:
+    """A seeded, reproducible train/val split of one json's images, or of a VOC folder's xml names (val gets
+    round(n * val_fraction))."""
     if part not in ("train", "val") or not 0.0 < float(val_fraction) < 1.0:
         raise DataError(f"{ann_file}: holdout={part!r} with val_fraction={val_fraction}; expected train or val "
                         f"and a fraction strictly between 0 and 1.")

@@ -1,8 +1,13 @@
-"""PASCAL VOC detection: Annotations/*.xml listed by ImageSets/Main/<image_set>.txt -> (image, target)."""
+"""PASCAL VOC detection: Annotations/*.xml listed by ImageSets/Main/<image_set>.txt -> (image, target).
+
+A folder without ImageSets lists can be split by a seeded draw over its Annotations/*.xml (`holdout`), and
+`other_classes="ignore"` keeps only the objects of `class_names` (a class subset of the user's data)."""
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +17,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tasks.detection.coco import DetectionTransformFn, normalise_only
+from tasks.detection.coco import DetectionTransformFn, holdout_split, normalise_only
 from tasks.detection.voc_eval import VOCEvaluator
+from tasks.errors import DataError
 from tasks.images import load_rgb
+
+log = logging.getLogger(__name__)
+OTHER_CLASSES = ("error", "ignore")
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -39,9 +48,11 @@ def _text(node: ET.Element | None) -> str | None:
     return None if node is None or node.text is None or not node.text.strip() else node.text.strip()
 
 
-def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, name: str) -> VOCRecord:
+def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, name: str,
+                  left_out: Counter | None = None) -> VOCRecord:
     """Parse one VOC annotation; an empty or missing <difficult> means 0 (the re-annotated VOC2011 files
-    leave it empty). Boxes are clipped to the image; a box with no area left is dropped (as COCO's are)."""
+    leave it empty). Boxes are clipped to the image; a box with no area left is dropped (as COCO's are).
+    With `left_out` (a Counter), objects of other classes are counted there instead of refused."""
     if not xml_path.is_file():
         raise FileNotFoundError(f"VOC annotation {xml_path} does not exist.")
     try:
@@ -69,6 +80,9 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, na
     boxes, labels, difficult = [], [], []
     for obj in tree.findall("object"):
         cls = _text(obj.find("name"))
+        if cls not in class_to_label and left_out is not None:
+            left_out[cls] += 1
+            continue
         if cls not in class_to_label:
             raise ValueError(f"{xml_path}: object class {cls!r} is not one of {sorted(class_to_label)}.")
         bnd = obj.find("bndbox")
@@ -105,6 +119,22 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict[str, int], root: Path, na
     )
 
 
+def voc_image_names(root: Path, image_set: str, holdout: str | None = None, val_fraction: float = 0.2,
+                    split_seed: int = 0) -> list[str]:
+    """The image names of one split: ImageSets/Main/<image_set>.txt, or with `holdout="train"|"val"` that part
+    of a seeded draw over every Annotations/*.xml (val gets round(n * val_fraction) of them)."""
+    if holdout is not None:
+        stems = sorted(path.stem for path in (root / "Annotations").glob("*.xml"))
+        if len(stems) < 2:
+            raise DataError(f"{root / 'Annotations'} holds {len(stems)} xml files and there are no ImageSets/Main "
+                            f"lists; expected at least 2 annotated images to split into train and val.")
+        return holdout_split(stems, holdout, val_fraction, split_seed, root / "Annotations")
+    list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
+    if not list_file.is_file():
+        raise FileNotFoundError(f"VOC image list {list_file} does not exist (check root and image_set).")
+    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+
+
 class VOCDetection(Dataset):
     """VOC detection over one or more VOC20xx folders (e.g. [VOC2007, VOC2012] with image_set "trainval").
 
@@ -112,7 +142,10 @@ class VOCDetection(Dataset):
     which ignores detections matched to them as the VOC metric does. `image_id` is the dataset index (VOC
     names are strings and need not be unique across years); `image_names[i]` is the VOC name. `train` is
     recorded for the engine; targets are the same in both modes. `use_07_metric` picks the evaluator's
-    11-point AP (VOC2007 test) instead of the all-points one (VOC2010+)."""
+    11-point AP (VOC2007 test) instead of the all-points one (VOC2010+). `holdout`, `val_fraction` and
+    `split_seed` split a folder that has no ImageSets lists (see `voc_image_names`). `other_classes="ignore"`
+    leaves out the objects of classes not in `class_names` (counted in one log line) instead of refusing them;
+    a named class that then has no object in the split is an error (most likely a misspelt name)."""
 
     def __init__(
         self,
@@ -122,6 +155,10 @@ class VOCDetection(Dataset):
         train: bool = True,
         class_names: Sequence[str] = VOC_CLASSES,
         use_07_metric: bool = False,
+        holdout: str | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        other_classes: str = "error",
     ):
         roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
         sets = [image_set] * len(roots) if isinstance(image_set, str) else list(image_set)
@@ -132,16 +169,16 @@ class VOCDetection(Dataset):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         class_to_label = {c: i for i, c in enumerate(self.class_names)}
+        if other_classes not in OTHER_CLASSES:
+            raise ValueError(f"other_classes={other_classes!r}; expected one of {', '.join(OTHER_CLASSES)}.")
+        left_out: Counter | None = Counter() if other_classes == "ignore" else None
         self.records: list[VOCRecord] = []
         for r, s in zip(roots, sets, strict=True):
-            list_file = r / "ImageSets" / "Main" / f"{s}.txt"
-            if not list_file.is_file():
-                raise FileNotFoundError(
-                    f"VOC image list {list_file} does not exist (check root and image_set)."
-                )
-            names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-            for name in names:
-                self.records.append(parse_voc_xml(r / "Annotations" / f"{name}.xml", class_to_label, r, name))
+            for name in voc_image_names(r, s, holdout, val_fraction, split_seed):
+                self.records.append(parse_voc_xml(r / "Annotations" / f"{name}.xml", class_to_label, r, name,
+                                                  left_out))
+        if left_out is not None:
+            self._check_subset(left_out, roots, sets if holdout is None else [holdout] * len(roots), bool(train))
         self.image_names = [rec.name for rec in self.records]
         self.image_ids = list(range(len(self.records)))
         self.transforms: DetectionTransformFn = transforms if transforms is not None else normalise_only
@@ -150,6 +187,20 @@ class VOCDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _check_subset(self, left_out: Counter, roots: list[Path], sets: Sequence[str], train: bool) -> None:
+        where = ", ".join(f"{r}/{s}" for r, s in zip(roots, sets, strict=True))
+        if left_out:
+            log.info("%s: %d objects of classes outside class_names were left out (%s)", where,
+                     sum(left_out.values()), ", ".join(f"{n} {c}" for c, n in left_out.most_common()))
+        counts = Counter(int(label) for rec in self.records for label in rec.labels)
+        absent = [c for i, c in enumerate(self.class_names) if counts[i] == 0]
+        if absent and self.records:
+            found = ", ".join(map(str, sorted(set(left_out) | {self.class_names[i] for i in counts})))
+            if train:  # a val split may simply lack a rare class; a training split cannot learn it
+                raise DataError(f"{where}: class_names {absent} have no object in this split; expected names as "
+                                f"the xml writes them ({found}).")
+            log.warning("%s: class_names %s have no object in this split (found: %s)", where, absent, found)
 
     def get_annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Training boxes (difficult excluded) without decoding the image: float32 [N,4] pixels, int64 [N]."""

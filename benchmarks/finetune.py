@@ -1,0 +1,235 @@
+"""Own-data detection recipe against torchvision's reference recipe, on real photos (issue 11's bar).
+
+    python -m benchmarks.finetune                       # coco128 person/car/dog in VOC layout, 60 epochs, scratch
+    python -m benchmarks.finetune --epochs 120 --init-from det.ckpt   # + ours from a checkpoint stand-in
+    python -m benchmarks.finetune --quick               # 2 epochs: checks that everything runs
+
+Data: the coco128 photos (../shared/data/coco128) holding any of --classes, written in VOC layout with a
+seeded train/val split. Contenders, trained one after the other for the same number of epochs, with the
+same threads and DataLoader workers:
+- ours: `python -m tasks.train experiment=ssdlite_finetune dataset.root=<subset> backbone.pretrained=null`
+  as a user runs it (its own start-up checks, periodic evaluation and reports included in its time);
+- torchvision's reference recipe for its SSDLite (references/detection, `--model ssdlite320_mobilenet_v3_large
+  --lr 0.15 --batch-size 24 --weight-decay 0.00004 --lr-scheduler cosineannealinglr
+  --data-augmentation ssdlite`, run on one process as its README's command reads): SGD momentum 0.9, a
+  linear warm-up over the first epoch's iterations (at most 1000) from lr/1000, cosine over the epochs,
+  RandomIoUCrop + horizontal flip, full batches only; evaluated once at the end (the reference evaluates
+  every epoch, which would only add to its time).
+Both are scored the same way on the same val photos: all-points VOC AP at IoU 0.5 (what the VOC-layout
+custom dataset reports) and its mean over IoU 0.5:0.95, from their last weights, at their own decoding
+settings. The result is AP ratio and time ratio (ours / torchvision's) for the issue's bar: >= 1.25x AP
+in <= 0.75x time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.coco_subset import write_voc_subset
+from benchmarks.run import environment
+from tasks.detection.voc import VOCDetection
+from tasks.detection.voc_eval import VOCEvaluator
+from tasks.images import load_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_COCO = ROOT.parent / "shared" / "data" / "coco128"
+DEFAULT_OUT = ROOT / "outputs" / "bench" / "finetune.json"
+IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2))
+Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # image -> boxes px, scores, labels
+
+
+def score(predict: Predict, val: VOCDetection) -> dict[str, float]:
+    """AP50 and AP@[.5:.95] (mean of all-points VOC APs) of `predict` on every val photo."""
+    evaluators = [VOCEvaluator(val.ground_truth(), val.class_names, iou_threshold=float(t)) for t in IOU_THRESHOLDS]
+    for index, record in enumerate(val.records):
+        boxes, scores, labels = predict(load_rgb(record.root / "JPEGImages" / f"{record.name}.jpg"))
+        prediction = {"boxes": boxes, "scores": scores, "labels": labels}
+        for evaluator in evaluators:
+            evaluator.update([{"image_id": index}], [prediction])
+    aps = [evaluator.compute()["mAP50"] for evaluator in evaluators]
+    return {"AP50": aps[0], "AP50:95": float(np.mean(aps))}
+
+
+# -- ours -------------------------------------------------------------------------------------------------
+def train_ours(root: Path, epochs: int, run_dir: Path, threads: int, overrides: Sequence[str]) -> dict[str, Any]:
+    command = [sys.executable, "-m", "tasks.train", "experiment=ssdlite_finetune", f"dataset.root={root}",
+               f"epochs={epochs}", f"threads={threads}", "progress=false", f"hydra.run.dir={run_dir}", *overrides]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"our training failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+    checkpoint = next(run_dir.rglob("last.ckpt"))
+    import mobilevision
+
+    predictor = mobilevision.load(checkpoint, threads=threads)
+
+    def predict(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        result = predictor.predict(image)
+        return result.boxes, result.scores, result.labels
+
+    return {"seconds": seconds, "command": " ".join(command[1:]), "predict": predict}
+
+
+# -- torchvision's reference recipe ---------------------------------------------------------------------
+class ReferenceDataset(torch.utils.data.Dataset):
+    """The VOC subset as torchvision's detection references feed it: PIL image, boxes in pixels, labels 1..K."""
+
+    def __init__(self, voc: VOCDetection, train: bool):
+        from torchvision.transforms import v2
+
+        self.voc = voc
+        to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        self.transforms = v2.Compose([v2.RandomIoUCrop(), v2.RandomHorizontalFlip(0.5), *to_float,
+                                      v2.SanitizeBoundingBoxes()] if train else to_float)
+
+    def __len__(self) -> int:
+        return len(self.voc)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision import tv_tensors
+
+        record = self.voc.records[index]
+        image = Image.open(record.root / "JPEGImages" / f"{record.name}.jpg").convert("RGB")
+        boxes, labels = self.voc.get_annotations(index)
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
+                                                    canvas_size=(image.height, image.width)),
+                  "labels": torch.from_numpy(labels) + 1}
+        return self.transforms(image, target)
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def train_reference(train: VOCDetection, epochs: int, workers: int, seed: int, batch_size: int = 24,
+                    lr: float = 0.15) -> dict[str, Any]:
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=train.num_classes + 1)
+    dataset = ReferenceDataset(train, train=True)
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(dataset), batch_size, drop_last=True)
+    if len(sampler) == 0:
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(dataset), batch_size, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                         persistent_workers=workers > 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=4e-5)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    for epoch in range(epochs):
+        model.train()
+        warmup = None
+        if epoch == 0:
+            warmup_iters = min(1000, len(loader) - 1)
+            if warmup_iters > 0:
+                warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
+        for images, targets in loader:
+            losses = model(list(images), list(targets))
+            loss = sum(losses.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if warmup is not None:
+                warmup.step()
+        cosine.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    to_tensor = ReferenceDataset(train, train=False).transforms
+
+    @torch.no_grad()
+    def predict(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = model([to_tensor(torch.from_numpy(image).permute(2, 0, 1))])[0]
+        return out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy() - 1
+
+    return {"seconds": seconds, "predict": predict}
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, workers: int, seed: int, workdir: Path,
+        init_from: str | None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    data = workdir / "voc_subset"
+    sizes = write_voc_subset(coco_root, data, list(classes), seed=seed)
+    (data / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
+    log(f"data: {data} ({sizes['train']} train / {sizes['val']} val photos, classes {list(classes)})")
+    train = VOCDetection(data, "train", class_names=classes)
+    val = VOCDetection(data, "val", class_names=classes)
+    common = [f"num_workers={workers}", f"seed={seed}"]
+    rows: list[dict[str, Any]] = []
+
+    contenders: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("torchvision reference (SSDLite320-MobileNetV3-Large), scratch",
+         lambda: train_reference(train, epochs, workers, seed)),
+        ("ours (experiment=ssdlite_finetune), scratch",
+         lambda: train_ours(data, epochs, workdir / "ours_scratch", threads, ["backbone.pretrained=null", *common])),
+    ]
+    if init_from:
+        contenders.append((f"ours, init_from={init_from}",
+                           lambda: train_ours(data, epochs, workdir / "ours_init", threads,
+                                              ["backbone.pretrained=null", f"init_from={init_from}", *common])))
+    for name, train_fn in contenders:
+        log(f"training {name} for {epochs} epochs ...")
+        trained = train_fn()
+        metrics = score(trained.pop("predict"), val)
+        rows.append({"contender": name, **trained, **metrics})
+        log(f"  {trained['seconds']:.0f} s, AP50 {metrics['AP50']:.4f}, AP50:95 {metrics['AP50:95']:.4f}")
+    peer, ours = rows[0], rows[1]
+    ratios = {"AP50": ours["AP50"] / peer["AP50"] if peer["AP50"] > 0 else float("inf"),
+              "AP50:95": ours["AP50:95"] / peer["AP50:95"] if peer["AP50:95"] > 0 else float("inf"),
+              "time": ours["seconds"] / peer["seconds"]}
+    return {"data": {"classes": list(classes), **sizes}, "epochs": epochs, "threads": threads, "workers": workers,
+            "rows": rows, "ours_over_torchvision": ratios}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| contender | train s | AP50 | AP50:95 |", "|---|---|---|---|"]
+    lines += [f"| {r['contender']} | {r['seconds']:.0f} | {r['AP50']:.4f} | {r['AP50:95']:.4f} |"
+              for r in result["rows"]]
+    ratio = result["ours_over_torchvision"]
+    lines.append(f"\nours / torchvision's (scratch): AP50 {ratio['AP50']:.2f}x, AP50:95 {ratio['AP50:95']:.2f}x, "
+                 f"time {ratio['time']:.2f}x  (bar: >= 1.25x AP in <= 0.75x time)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--coco", type=Path, default=SHARED_COCO, help="a COCO folder (annotations/, train2017/)")
+    parser.add_argument("--classes", nargs="+", default=["person", "car", "dog"])
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--init-from", default=None, help="also train ours from this checkpoint (a stand-in)")
+    parser.add_argument("--quick", action="store_true", help="2 epochs: checks that everything runs")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if not (args.coco / "annotations" / "instances_train2017.json").is_file():
+        sys.exit(f"--coco {args.coco} holds no annotations/instances_train2017.json; expected coco128's layout.")
+    with tempfile.TemporaryDirectory(prefix="mv_finetune_") as scratch:
+        result = run(args.coco, args.classes, 2 if args.quick else args.epochs, args.threads, args.workers,
+                     args.seed, Path(scratch), args.init_from)
+    result["environment"] = environment() | {"loadavg_end": list(os.getloadavg())}
+    for row in result["rows"]:
+        row.pop("predict", None)
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
