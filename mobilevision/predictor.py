@@ -116,7 +116,7 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 8) -> Result | list[Result]:
         """One image (path, PIL, numpy) -> Result; a list of them, or a folder or video path -> list[Result]."""
-        from tasks.predict import decode
+        from tasks.predict import decode, forward
 
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (str, Path)) and not Path(images).is_file())
@@ -127,9 +127,10 @@ class Predictor:
             batch = frames[start:start + batch_size]
             tensors, valid = zip(*(self.preprocess(image) for _, image in batch))
             inputs = torch.stack(tensors)
-            outputs = self.model(inputs.to(self.device) if self.runtime == "pytorch" else inputs)
+            outputs = forward(self.model, inputs.to(self.device) if self.runtime == "pytorch" else inputs,
+                              self.preprocess.input_size)
             decoded = decode(self.model, outputs, [image.shape[:2] for _, image in batch], self.task,
-                             self.preprocess.input_size, list(valid))
+                             self.preprocess.canvas, list(valid))
             for (source, image), out in zip(batch, decoded):
                 out = {k: v.detach().cpu().numpy() for k, v in out.items()}
                 results.append(Result(image, self.task, self.class_names, source, out.get("boxes"), out.get("scores"),

@@ -39,6 +39,7 @@ from tasks.deploy.sidecar import model_metadata, read_sidecar, refuse_to_overwri
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.images import load_rgb
 from tasks.resolve import check_file_config, instantiate_from_file
+from tasks.segmentation.metrics import sliding_window_logits
 from tasks.segmentation.palette import save_label_png
 from tasks.segmentation.transforms import eval_valid_size
 from tasks.training.trained import load_trained_model
@@ -170,6 +171,11 @@ class Preprocessor:
         self.task = task
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.transform = instantiate_from_file(transforms_cfg, source, trusted)
+        # segmentation trained with dataset.base_size > input size: the photo, its longer side resized to
+        # base_size, is covered by input-size windows (as evaluation does)
+        base_size = getattr(self.transform, "base_size", None) if task == "segmentation" else None
+        side = max(self.input_size[0], int(base_size or 0))
+        self.canvas = (side, side) if side > self.input_size[0] else self.input_size
 
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = image.shape[:2]
@@ -180,14 +186,9 @@ class Preprocessor:
             tensor = self.transform(image, np.zeros((h, w), np.uint8))[0]
             valid_size = getattr(self.transform, "valid_size", None)  # base_size: the longer side resized to it
             valid = valid_size(h, w) if valid_size is not None else eval_valid_size(h, w, self.input_size[0])
-        base_size = getattr(self.transform, "base_size", None)
-        if base_size is not None and base_size > self.input_size[0]:
-            raise ConfigError(f"the checkpoint was trained with dataset.base_size={base_size} > dataset.input_size="
-                              f"{self.input_size[0]}, which evaluation covers with a sliding window but predict and "
-                              f"export (one input_size x input_size input) do not; train with base_size <= input_size.")
-        if tuple(tensor.shape[-2:]) != self.input_size:
+        if tuple(tensor.shape[-2:]) != self.canvas:
             raise ValueError(f"the val transforms made a {tuple(tensor.shape[-2:])} input of a {h}x{w} image; "
-                             f"the model takes {self.input_size}.")
+                             f"the model takes {self.canvas}.")
         return tensor, valid
 
 
@@ -230,6 +231,24 @@ def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir
         check_file_config(meta["train_config"].get("dataset") or {}, meta["config_source"], trusted, "dataset")
     model = OnnxModel(onnx, threads=threads, metadata=meta)
     return model, meta
+
+
+def forward(model: Any, images: torch.Tensor, input_size: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The model's outputs for a batch; a segmentation input larger than the model's input size (base_size) is
+    covered by overlapping input-size windows, whatever runs the model (PyTorch or a deployed file)."""
+    window = int(input_size[0])
+    if max(images.shape[-2:]) <= window:
+        return model(images)
+
+    def logits(tile: torch.Tensor) -> torch.Tensor:
+        out = model(tile)
+        if "logits" not in out:
+            raise ConfigError(f"this model outputs {sorted(out)} but a {tuple(images.shape[-2:])} input (base_size "
+                              f"above the {window}-px input) is predicted window by window from 'logits'; export "
+                              f"it without the label map in the graph.")
+        return out["logits"]
+
+    return {"logits": sliding_window_logits(logits, images, window)}
 
 
 def decode(model: Any, outputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]], task: str,
@@ -311,8 +330,9 @@ def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str |
         tensors, valid = zip(*(preprocess(f.image) for f in batch))
         images = torch.stack(tensors)
         with torch.no_grad():
-            outputs = model(images.to(device, memory_format=layout) if runtime == "pytorch" else images)
-            results = decode(model, outputs, [f.image.shape[:2] for f in batch], task, preprocess.input_size,
+            outputs = forward(model, images.to(device, memory_format=layout) if runtime == "pytorch" else images,
+                              preprocess.input_size)
+            results = decode(model, outputs, [f.image.shape[:2] for f in batch], task, preprocess.canvas,
                              list(valid))
         for frame, result in zip(batch, results):
             result = {k: v.detach().cpu() for k, v in result.items()}

@@ -86,3 +86,31 @@ def test_evaluation_scores_every_original_pixel_with_a_sliding_window(tmp_path):
     scored = sum(h * w - w for h, w in sizes.values())  # every original pixel but the ignored rows
     assert int(evaluator.matrix.sum()) == scored
     assert metrics["mIoU"] > 0.97  # only the resized square's edges can differ
+
+
+class SeenSizes(Threshold):
+    """Threshold that records the input sizes it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.sizes.append(tuple(images.shape[-2:]))
+        return super().forward(images)
+
+
+def test_predict_covers_a_base_size_above_the_input_with_windows_and_answers_at_the_photo_size():
+    from mobilevision.predictor import Predictor
+
+    transforms = {"_target_": "tasks.segmentation.transforms.build_segmentation_transforms", "crop_size": 64,
+                  "train": False, "base_size": 192}
+    meta = {"task": "segmentation", "class_names": ["background", "square"], "input_size": [64, 64],
+            "train_config": {"dataset": {"val": {"transforms": transforms}}}}
+    model = SeenSizes()
+    image, mask = _photo(600, 900, 240)
+    result = Predictor(model, meta, "pytorch").predict(image)
+    assert set(model.sizes) == {(64, 64)}  # the model only ever sees its own input size
+    assert result.mask.shape == mask.shape  # answered at the photo's resolution
+    both = np.logical_and(result.mask == 1, mask == 1).sum()
+    assert both / np.logical_or(result.mask == 1, mask == 1).sum() > 0.97  # only the resized square's edges differ
