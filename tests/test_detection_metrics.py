@@ -208,6 +208,18 @@ def test_voc_hand_computed(use_07, cat_ap):
     assert out["mAP50"] == pytest.approx((cat_ap + 1.0) / 2, abs=1e-12)
 
 
+def test_voc_iou_range_averages_the_ap_over_coco_thresholds():
+    """cat: one box at IoU 0.8 (a TP up to threshold 0.80, a FP from 0.85: AP 1 at 7 of the 10 thresholds);
+    dog: an exact box (AP 1 at all 10). mAP = mean over thresholds of the class mean = (7 * 1 + 3 * 0.5) / 10."""
+    gt = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0, 1]), np.array([0, 0]))}
+    prediction = {"boxes": [[0, 0, 10, 8], [20, 20, 30, 30]], "scores": [0.9, 0.8], "labels": [0, 1]}
+    ev = VOCEvaluator(gt, ["cat", "dog"], iou_range=True)
+    ev.update([{"image_id": 0}], [prediction])
+    out = ev.compute()
+    assert out["mAP50"] == pytest.approx(1.0) and out["mAP"] == pytest.approx(0.85, abs=1e-12)
+    assert "mAP" not in VOCEvaluator(gt, ["cat", "dog"]).compute()  # off by default (VOC's own protocol)
+
+
 def test_voc_state_merge_and_repeats():
     gt, targets, preds = hand_case()
     a, b = VOCEvaluator(gt, CLASSES), VOCEvaluator(gt, CLASSES)

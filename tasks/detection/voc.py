@@ -145,7 +145,8 @@ class VOCDetection(Dataset):
     11-point AP (VOC2007 test) instead of the all-points one (VOC2010+). `holdout`, `val_fraction` and
     `split_seed` split a folder that has no ImageSets lists (see `voc_image_names`). `other_classes="ignore"`
     leaves out the objects of classes not in `class_names` (counted in one log line) instead of refusing them;
-    a named class that then has no object in the split is an error (most likely a misspelt name)."""
+    a named class that then has no object in the split is an error (most likely a misspelt name).
+    `iou_range=True`: the evaluator also reports "mAP", the mAP50 averaged over IoU 0.5:0.95 (VOCEvaluator)."""
 
     def __init__(
         self,
@@ -159,6 +160,7 @@ class VOCDetection(Dataset):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         other_classes: str = "error",
+        iou_range: bool = False,
     ):
         roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
         sets = [image_set] * len(roots) if isinstance(image_set, str) else list(image_set)
@@ -184,6 +186,7 @@ class VOCDetection(Dataset):
         self.transforms: DetectionTransformFn = transforms if transforms is not None else normalise_only
         self.train = bool(train)
         self.use_07_metric = bool(use_07_metric)
+        self.iou_range = bool(iou_range)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -233,6 +236,5 @@ class VOCDetection(Dataset):
 
     def evaluator(self) -> VOCEvaluator:
         """VOC mAP@0.5; 11-point AP when built with use_07_metric=True (the VOC2007 test convention)."""
-        return VOCEvaluator(
-            self.ground_truth(), self.class_names, iou_threshold=0.5, use_07_metric=self.use_07_metric
-        )
+        return VOCEvaluator(self.ground_truth(), self.class_names, iou_threshold=0.5,
+                            use_07_metric=self.use_07_metric, iou_range=self.iou_range)

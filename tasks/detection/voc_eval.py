@@ -25,6 +25,7 @@ import numpy as np
 from tasks.detection.confusion import DetectionErrors
 from tasks.detection.predictions import prediction_arrays, to_numpy
 
+IOU_RANGE = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # COCO's 0.50:0.05:0.95
 GroundTruth = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes [G,4] xyxy, labels [G], difficult [G] bool
 
 
@@ -67,7 +68,9 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: 
 class VOCEvaluator(DetectionErrors):
     """VOC mAP at one IoU threshold over the images it has seen. `compute()` returns "mAP50" (the mean over
     classes that have non-difficult ground truth in those images) and "AP50/<class>" per class (NaN for a
-    class without such ground truth). An image seen twice counts once.
+    class without such ground truth). An image seen twice counts once. With `iou_range=True` it also returns
+    "mAP": the same AP averaged over IoU thresholds 0.50, 0.55, ..., 0.95 (COCO's localisation-aware
+    summary, here with VOC's matching and all-points AP, for data that comes in VOC layout).
 
     For the report: `per_class_ap()`, `precision_recall()` and DetectionErrors' confusion matrix and errors
     per image (difficult boxes are ignored there as here)."""
@@ -80,9 +83,11 @@ class VOCEvaluator(DetectionErrors):
         class_names: Sequence[str],
         iou_threshold: float = 0.5,
         use_07_metric: bool = False,
+        iou_range: bool = False,
     ):
         self.class_names = list(class_names)
         self.iou_threshold = float(iou_threshold)
+        self.iou_range = bool(iou_range)
         self.use_07_metric = bool(use_07_metric)
         self.ground_truth: dict[Any, GroundTruth] = {}
         for image_id, (boxes, labels, difficult) in ground_truth.items():
@@ -131,6 +136,10 @@ class VOCEvaluator(DetectionErrors):
         if not valid:
             print("VOCEvaluator: the evaluated images hold no non-difficult ground truth; mAP50 is 0.")
         out["mAP50"] = float(np.mean(valid)) if valid else 0.0
+        if self.iou_range:
+            per_threshold = [[self._class_ap(c, t) for c in range(len(self.class_names))] for t in IOU_RANGE]
+            means = [float(np.mean([ap for ap in aps if not math.isnan(ap)] or [0.0])) for aps in per_threshold]
+            out["mAP"] = float(np.mean(means))
         out |= {f"AP50/{name}": ap for name, ap in zip(self.class_names, aps, strict=True)}
         return out
 
@@ -165,12 +174,13 @@ class VOCEvaluator(DetectionErrors):
                 curves[name] = interpolated_precision(*pr, grid) if len(pr[0]) else np.zeros_like(grid)
         return grid, curves
 
-    def _class_ap(self, cls: int) -> float:
-        pr = self._class_pr(cls)
+    def _class_ap(self, cls: int, iou_threshold: float | None = None) -> float:
+        pr = self._class_pr(cls, iou_threshold)
         return math.nan if pr is None else average_precision(*pr, self.use_07_metric)
 
-    def _class_pr(self, cls: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _class_pr(self, cls: int, iou_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """(recall, precision) per detection of class `cls` in descending score order; None without positives."""
+        threshold = self.iou_threshold if iou_threshold is None else float(iou_threshold)
         gt: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         npos = 0
         det_img, det_score, det_box = [], [], []
@@ -197,7 +207,7 @@ class VOCEvaluator(DetectionErrors):
                 continue
             ious = box_iou(boxes[j : j + 1], g_boxes)[0]
             best = int(np.argmax(ious))
-            if ious[best] >= self.iou_threshold:
+            if ious[best] >= threshold:
                 if g_difficult[best]:
                     continue
                 if not matched[best]:
