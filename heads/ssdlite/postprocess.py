@@ -5,7 +5,10 @@ The result is torchvision's SSD.postprocess_detections (labels 0..K-1, backgroun
 `detections_per_image` best. `nms_pre` (mmdetection's name) caps the candidates that enter NMS at the
 `nms_pre` best over all (anchor, class) pairs; it changes nothing while fewer candidates pass.
 
-Two exact shortcuts keep the usual and the worst case cheap:
+Three exact shortcuts keep the usual and the worst case cheap:
+- an anchor can only give a candidate if its best class logit beats the background logit by
+  log(score_threshold) (the softmax score is at most exp(class logit - background logit)): the softmax,
+  threshold, counts and ranking run on those anchors' rows only, usually a few hundred of thousands of pairs;
 - the candidates are taken in score order from one flat top-k over all pairs (or the few pairs above the
   threshold); a prefix of at most `topk_candidates` pairs can never hold more than `topk_candidates` of
   one class, so the per-class top-k only has to run when a longer prefix breaks it;
@@ -16,6 +19,7 @@ Only the anchors of the candidates are decoded.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,31 +36,33 @@ _GROWTH = 4
 _SORT_ALL = 4096
 
 
-def _ranked_candidates(scores: Tensor, score_threshold: float, topk_candidates: int, count: int,
-                       above: Tensor, num_above: int) -> tuple[Tensor, Tensor]:
+def _ranked_candidates(scores: Tensor, rows: Tensor, above: Tensor, num_above: int, score_threshold: float,
+                       topk_candidates: int, count: int) -> tuple[Tensor, Tensor, Tensor]:
     """The `count` best (anchor, class) pairs of one image that pass the per-class top-k and the threshold,
-    in descending score order: (scores [n], flat indices anchor * K + class [n])."""
-    num_anchors, num_classes = scores.shape
+    in descending score order: (scores [n], anchors [n], classes [n]). `scores` [R, K] are the image's rows
+    `rows` [R] that hold some pair above the threshold (`above` [R, K], `num_above` of them)."""
+    num_rows, num_classes = scores.shape
     if num_above <= max(count, _SORT_ALL):  # few pairs pass the threshold: sort those, no top-k over all pairs
-        index = above.nonzero().squeeze(1)
+        index = above.view(-1).nonzero().squeeze(1)
         values, order = scores.view(-1)[index].sort(descending=True)
         values, index = values[:count], index[order[:count]]
-    elif count < num_anchors:
-        # The best `count` pairs lie on the `count` anchors with the best class scores (each of those anchors
-        # holds a pair at least as good as the count-th best anchor's), so the top-k runs on those rows only.
-        rows = scores.amax(dim=1).topk(count).indices
-        values, sub = scores[rows].view(-1).topk(count)
-        index = rows[sub // num_classes] * num_classes + sub % num_classes
+    elif count < num_rows:
+        # The best `count` pairs lie on the `count` rows with the best class scores (each of those rows holds
+        # a pair at least as good as the count-th best row's), so the top-k runs on those rows only.
+        best = scores.amax(dim=1).topk(count).indices
+        values, sub = scores[best].view(-1).topk(count)
+        index = best[sub // num_classes] * num_classes + sub % num_classes
     else:
         values, index = scores.view(-1).topk(count)
     if count <= topk_candidates or int(torch.bincount(index % num_classes).max()) <= topk_candidates:
-        return values, index
+        return values, rows[index // num_classes], index % num_classes
     # Some class has more than topk_candidates pairs among them: apply the per-class top-k first.
-    per_class, anchor = scores.t().topk(min(topk_candidates, num_anchors), dim=1)  # [K, k]
+    per_class, row = scores.t().topk(min(topk_candidates, num_rows), dim=1)  # [K, k]
     keep = per_class > score_threshold
-    index = (anchor * num_classes + torch.arange(num_classes, device=scores.device)[:, None])[keep]
+    classes = torch.arange(num_classes, device=scores.device)[:, None].expand_as(row)[keep]
     values, order = per_class[keep].sort(descending=True)
-    return values[:count], index[order[:count]]
+    order = order[:count]
+    return values[:count], rows[row[keep][order]], classes[order]
 
 
 @torch.no_grad()
@@ -75,28 +81,34 @@ def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
     if nms_pre is not None and nms_pre < 0:
         raise ValueError(f"nms_pre={nms_pre} must be a positive number of candidates, or 0/None for no cap.")
     device = cls_logits.device
-    scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:].contiguous()  # [B, A, K]
-    num_classes = scores.shape[-1]
-    above = scores > score_threshold
-    num_above = torch.count_nonzero(above.view(batch, -1), dim=1).tolist()
-    # Candidates per image under the per-class top-k rule, then the cap.
-    if max(num_above, default=0) > topk_candidates:
-        totals = torch.count_nonzero(above, dim=1).clamp(max=topk_candidates).sum(dim=1).tolist()
-    else:
-        totals = num_above
-    if nms_pre:
-        totals = [min(t, nms_pre) for t in totals]
-    above = above.view(batch, -1)
+    logits = cls_logits.float()
+    # A class's softmax score is at most exp(its logit - the background logit) (the sum over classes exceeds
+    # the background's term), so only anchors whose best class logit exceeds the background's by
+    # log(score_threshold) can hold a candidate. In the usual case that leaves a few hundred of thousands of
+    # pairs: the softmax, the threshold, the counts and the ranking run on those rows alone, with the same
+    # values a softmax over every row gives.
+    margin = math.log(score_threshold) if score_threshold > 0 else -math.inf
+    row_hit = logits[..., 1:].amax(dim=2) > logits[..., 0] + margin  # [B, A]
     image_scale = torch.as_tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32, device=device)
 
     results = []
     for b in range(batch):
-        total, size = int(totals[b]), image_scale[b]
+        rows = row_hit[b].nonzero().squeeze(1)
+        kept_scores = F.softmax(logits[b, rows], dim=-1)[:, 1:].contiguous()  # [R, K]
+        above = kept_scores > score_threshold
+        num_above = int(torch.count_nonzero(above))
+        # candidates under the per-class top-k rule, then the cap
+        if num_above > topk_candidates:
+            total = int(torch.count_nonzero(above, dim=0).clamp(max=topk_candidates).sum())
+        else:
+            total = num_above
+        if nms_pre:
+            total = min(total, nms_pre)
+        size = image_scale[b]
         count = min(total, _FIRST_PREFIX * detections_per_image)
         while True:
-            values, index = _ranked_candidates(scores[b], score_threshold, topk_candidates, count, above[b],
-                                               int(num_above[b]))
-            anchor, labels = index // num_classes, index % num_classes
+            values, anchor, labels = _ranked_candidates(kept_scores, rows, above, num_above, score_threshold,
+                                                        topk_candidates, count)
             boxes = box_coder.decode(bbox_regression[b, anchor].float(), anchors[anchor]) * size
             boxes = torch.minimum(boxes.clamp(min=0), size)
             kept = batched_nms(boxes, values, labels, nms_iou_threshold)
