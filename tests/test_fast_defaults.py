@@ -40,3 +40,25 @@ def test_channels_last_gives_the_nchw_results(head):
             assert torch.equal(a["labels"].bincount(minlength=5), b["labels"].bincount(minlength=5))
         else:
             assert (a["mask"] != b["mask"]).float().mean() < 1e-3
+
+
+def test_export_is_the_same_graph_whatever_the_training_layout(tmp_path):
+    """ONNX has no memory format: a model held in channels_last (as train/predict now hold it) exports the same
+    operators, and ONNX Runtime chooses its own layout; so export needs no layout setting of its own."""
+    import onnx
+
+    from tasks.deploy.onnx_export import export_model
+
+    backbone = OmegaConf.load(CONF / "backbone" / "mobilenet_v2.yaml")
+    backbone.width_mult = 0.35
+    head = OmegaConf.load(CONF / "head" / "ssdlite.yaml")
+    cfg = OmegaConf.create({"backbone": backbone, "head": head, "dataset": {
+        "task": "detection", "input_size": 96, "num_classes": 3, "val": {
+            "_target_": "tasks.detection.coco.CocoDetection", "image_dir": "absent", "ann_file": "absent.json"}}})
+    torch.manual_seed(0)
+    model = build_model(cfg.backbone, cfg.head, 3).eval()
+    nchw = export_model(model, cfg, tmp_path / "nchw.onnx")
+    nhwc = export_model(model.to(memory_format=torch.channels_last), cfg, tmp_path / "nhwc.onnx")
+    graphs = [onnx.load(path).graph for path in (nchw, nhwc)]
+    assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+    assert "Transpose" not in {n.op_type for n in graphs[1].node if n.input and n.input[0] == "images"}
