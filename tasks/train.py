@@ -23,6 +23,7 @@ from tasks.training.loaders import build_loader
 from tasks.training.loggers import build_loggers
 from tasks.training.model import build_model
 from tasks.training.optim import build_optimizer, scheduler_from_config
+from tasks.training.precision import resolve_amp
 from tasks.training.rng import seed_everything
 from tasks.training.run_guard import check_resumable, interrupted_sentence, refuse_existing_checkpoints, run_lock
 from tasks.training.scaling import scaled_lr, use_sync_bn
@@ -107,9 +108,12 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
     config = OmegaConf.to_container(cfg, resolve=True)
     loggers = build_loggers(cfg.get("logger"), run_dir, config) if dist.is_main() and "logger" in cfg else None
 
+    amp, why = resolve_amp(cfg.amp, device)
+    if dist.is_main() and cfg.amp == "auto":
+        log.info("%s: training autocasts to %s (evaluation stays fp32)", why, amp or "nothing")
     engine = Engine(model, optimizer, scheduler, train_loader, val_loader, val_set.evaluator, run_dir,
                     EngineOptions(epochs=cfg.epochs, eval_every=cfg.eval_every, clip_grad_norm=cfg.clip_grad_norm,
-                                  log_every=cfg.log_every, progress=cfg.progress, amp=cfg.amp,
+                                  log_every=cfg.log_every, progress=cfg.progress, amp=amp,
                                   channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,

@@ -227,7 +227,10 @@ class Engine:
             targets = to_device(targets, self.device)
             with self._autocast():
                 outputs = self.forward_model(images)
-                losses = unwrap(self.model).loss(outputs, targets)
+            if self.options.amp is not None:  # the loss (softmax, hard-negative ranking, box codes) in fp32
+                outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in outputs.items()}
+            losses = unwrap(self.model).loss(outputs, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 self._stop_on_non_finite(loss, losses, targets)
@@ -321,5 +324,6 @@ class Engine:
         self._evaluator = evaluator
         self.primary_metric = evaluator.primary
         dist.broadcast_buffers(self.eval_model)
+        # fp32 whatever the training precision: the metric is that of the saved weights as predict and export run them
         return evaluate(self.eval_model, self.val_loader, evaluator, self.device, progress=self.options.progress,
-                        amp=self.options.amp, channels_last=self.options.channels_last)
+                        channels_last=self.options.channels_last)
