@@ -223,7 +223,7 @@ def test_one_override_trains_evaluates_predicts_and_exports_real_photos(voc_subs
     train = subprocess.run([*common, "tasks.train", "dataset=voc_det_custom", f"dataset.root={voc_subset}",
                             "dataset.input_size=64", "epochs=1", "batch_size=16", "backbone.width_mult=0.25",
                             "head.extra_depths=[32,32]", "num_workers=0", "progress=false", "threads=2",
-                            f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=600)
+                            "amp=auto", f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "final metrics: mAP50=" in train.stdout
     checkpoint = run / "last.ckpt"
@@ -231,7 +231,7 @@ def test_one_override_trains_evaluates_predicts_and_exports_real_photos(voc_subs
                                f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"mAP50", *(f"AP50/{c}" for c in CLASSES)}
+    assert set(metrics) == {"mAP50", "mAP", *(f"AP50/{c}" for c in CLASSES)}  # mAP: over IoU 0.5:0.95
     assert metrics["mAP50"] == pytest.approx(np.mean([metrics[f"AP50/{c}"] for c in CLASSES]))
     photo = sorted((voc_subset / "JPEGImages").iterdir())[0]
     predict = subprocess.run([*common, "tasks.predict", f"checkpoint={checkpoint}", f"inputs=[{photo}]",
