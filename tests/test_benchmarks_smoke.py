@@ -230,3 +230,20 @@ def test_verdict_against_hand_computed_rates():
 def test_bad_thread_count_is_refused():
     with pytest.raises(SystemExit):
         run.parse_args(["--threads", "0"])
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_trains_both_recipes_on_real_photos(shared_data, tmp_path):
+    """benchmarks/finetune.py end to end, 1 epoch: structure only (the figures are the closing notes')."""
+    from benchmarks import finetune
+
+    out = tmp_path / "finetune.json"
+    finetune.main(["--coco", str(shared_data / "coco128"), "--epochs", "1", "--threads", "2", "--workers", "0",
+                   "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["data"]["train"] + result["data"]["val"] == 75  # coco128 photos holding a person, car or dog
+    assert [r["contender"].split(" ")[0] for r in result["rows"]] == ["torchvision", "ours"]
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and 0.0 <= row["AP50:95"] <= row["AP50"] <= 1.0
+    assert result["ours_over_torchvision"]["time"] == pytest.approx(
+        result["rows"][1]["seconds"] / result["rows"][0]["seconds"])
