@@ -92,7 +92,7 @@ class Predictor:
 
     def __init__(self, model: Any, meta: dict[str, Any], runtime: str, device: str = "cpu",
                  trusted_targets: Sequence[str] = ()):
-        from tasks.predict import Preprocessor, val_transforms_config
+        from tasks.inference.runtime import Preprocessor, val_transforms_config
 
         self.model = model
         self.meta = meta
@@ -104,7 +104,7 @@ class Predictor:
                                        meta.get("config_source", "the model's config"), trusted_targets)
 
     def _frames(self, inputs: Iterable[ImageInput]) -> Iterator[tuple[str, np.ndarray]]:
-        from tasks.predict import iter_inputs
+        from tasks.inference.inputs import iter_inputs
 
         for item in inputs:
             if isinstance(item, (str, Path)):
@@ -116,7 +116,7 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 8) -> Result | list[Result]:
         """One image (path, PIL, numpy) -> Result; a list of them, or a folder or video path -> list[Result]."""
-        from tasks.predict import decode, forward
+        from tasks.inference.runtime import decode, forward
 
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (str, Path)) and not Path(images).is_file())
@@ -149,7 +149,7 @@ def load(path: str | Path, device: str = "cpu", threads: int | None = None,
     """A tasks.train checkpoint (.ckpt/.pt, run by PyTorch) or an exported .onnx (run by ONNX Runtime, its
     model.json sidecar beside it) as a Predictor. Its config is data: it may only name this project's own
     classes, or those under the module prefixes in `trusted_targets` (e.g. ["my_plugins"])."""
-    from tasks.predict import load_runtime
+    from tasks.inference.runtime import load_runtime
 
     path = Path(path)
     runtime = "onnxruntime" if path.suffix == ".onnx" else "pytorch"

@@ -20,244 +20,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from tasks.analysis.visualize import draw_detections, draw_mask
 from tasks.cli import CONFIG_DIR, run
-from tasks.deploy.onnx_export import export_model
-from tasks.deploy.sidecar import model_metadata, read_sidecar, refuse_to_overwrite, sidecar_path, write_json
+from tasks.deploy.sidecar import write_json
 from tasks.errors import ConfigError, user_errors_exit
-from tasks.images import load_rgb
-from tasks.resolve import check_file_config, instantiate_from_file
-from tasks.segmentation.metrics import sliding_window_logits
+from tasks.inference.inputs import Frame, batches, iter_inputs
+from tasks.inference.runtime import Preprocessor, decode, forward, load_runtime, val_transforms_config
 from tasks.segmentation.palette import save_label_png
-from tasks.segmentation.transforms import eval_valid_size
-from tasks.training.trained import load_trained_model
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
-RUNTIMES = ("pytorch", "onnxruntime", "litert", "executorch")
 PER_IMAGE_FOLDERS = ("images", "detections", "masks")
-
-
-# -- inputs --------------------------------------------------------------------------------------
-@dataclass
-class Frame:
-    name: str          # stem of the files written for it, unique within a run
-    source: str        # the image file name, or "<video name>#frame=<index>"
-    image: np.ndarray  # uint8 [H, W, 3] RGB
-    path: str = ""     # the input file as given
-
-
-def read_video(path: Path, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
-    """Every `stride`-th frame (0, stride, 2 stride, ...) of a video, decoded by OpenCV."""
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise ValueError(f"video {path} cannot be opened by OpenCV; expected a readable video file "
-                         f"({', '.join(sorted(VIDEO_SUFFIXES))}).")
-    index = kept = 0
-    try:
-        while max_frames is None or kept < max_frames:
-            ok = capture.grab()
-            if not ok:
-                break
-            if index % stride == 0:
-                ok, frame = capture.retrieve()
-                if not ok:
-                    break
-                kept += 1
-                yield Frame(f"{path.stem}_frame{index:06d}", f"{path.name}#frame={index}",
-                            cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), str(path))
-            index += 1
-    finally:
-        capture.release()
-    if index == 0:
-        raise ValueError(f"video {path} has no frames OpenCV can decode.")
-
-
-def _files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
-    if not files:
-        raise ValueError(f"folder {folder} holds no images or videos; expected files ending in "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))}.")
-    return files
-
-
-def iter_inputs(inputs: Sequence[str | Path], video_stride: int = 1, max_frames: int | None = None,
-                skipped: list[dict[str, str]] | None = None) -> Iterator[Frame]:
-    """Images, folders (their images and videos, not recursive) and videos, in the order given. An image
-    that cannot be decoded is skipped with a warning (and appended to `skipped`)."""
-    if video_stride < 1:
-        raise ConfigError(f"video_stride={video_stride} must be a positive integer.")
-    used: set[str] = set()
-
-    def unique(name: str) -> str:
-        """The name, or name_1, name_2, ...: the first not yet used in this run (case-insensitively, for
-        file systems that fold case), so names never collide and the same inputs always get the same ones."""
-        candidate, n = name, 0
-        while candidate.casefold() in used:
-            n += 1
-            candidate = f"{name}_{n}"
-        used.add(candidate.casefold())
-        return candidate
-
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise FileNotFoundError(f"input {path} does not exist; expected an image, a folder or a video.")
-        for file in _files(path) if path.is_dir() else [path]:
-            suffix = file.suffix.lower()
-            if suffix in VIDEO_SUFFIXES:
-                for frame in read_video(file, video_stride, max_frames):
-                    frame.name = unique(frame.name)
-                    yield frame
-            elif suffix in IMAGE_SUFFIXES:
-                try:
-                    image = load_rgb(file)
-                except (OSError, ValueError) as err:
-                    log.warning("skipping %s: %s", file, err)
-                    if skipped is not None:
-                        skipped.append({"path": str(file), "reason": str(err)})
-                    continue
-                yield Frame(unique(file.stem), file.name, image, str(file))
-            else:
-                raise ValueError(f"input {file} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) "
-                                 f"nor a video ({', '.join(sorted(VIDEO_SUFFIXES))}).")
-
-
-def batches(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
-    batch: list[Frame] = []
-    for frame in frames:
-        batch.append(frame)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# -- model and preprocessing --------------------------------------------------------------------
-def val_transforms_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The val transforms of the training config; a plain rebuild from the sidecar if it has none."""
-    train_config = meta.get("train_config") or {}
-    transforms = ((train_config.get("dataset") or {}).get("val") or {}).get("transforms")
-    if transforms:
-        return dict(transforms)
-    size = int(meta["input_size"][0])
-    if meta["task"] == "detection":
-        return {"_target_": "tasks.detection.transforms.build_detection_transforms", "size": size,
-                "train": False, "mean": meta["mean"], "std": meta["std"]}
-    return {"_target_": "tasks.segmentation.transforms.build_segmentation_transforms", "crop_size": size,
-            "train": False, "mean": meta["mean"], "std": meta["std"]}
-
-
-class Preprocessor:
-    """RGB uint8 image -> (normalised [3, H, W] input, (h, w) of the input region the image fills)."""
-
-    def __init__(self, task: str, transforms_cfg: dict[str, Any], input_size: Sequence[int],
-                 source: str = "the model's config", trusted: Sequence[str] = ()):
-        self.task = task
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.transform = instantiate_from_file(transforms_cfg, source, trusted)
-        # segmentation trained with dataset.base_size > input size: the photo, its longer side resized to
-        # base_size, is covered by input-size windows (as evaluation does)
-        base_size = getattr(self.transform, "base_size", None) if task == "segmentation" else None
-        side = max(self.input_size[0], int(base_size or 0))
-        self.canvas = (side, side) if side > self.input_size[0] else self.input_size
-
-    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        h, w = image.shape[:2]
-        if self.task == "detection":
-            tensor = self.transform(image)[0]
-            valid = self.input_size
-        else:
-            tensor = self.transform(image, np.zeros((h, w), np.uint8))[0]
-            valid_size = getattr(self.transform, "valid_size", None)  # base_size: the longer side resized to it
-            valid = valid_size(h, w) if valid_size is not None else eval_valid_size(h, w, self.input_size[0])
-        if tuple(tensor.shape[-2:]) != self.canvas:
-            raise ValueError(f"the val transforms made a {tuple(tensor.shape[-2:])} input of a {h}x{w} image; "
-                             f"the model takes {self.canvas}.")
-        return tensor, valid
-
-
-def load_runtime(checkpoint: str | None, onnx: str | None, runtime: str, out_dir: Path,
-                 threads: int | None = None, device: str = "cpu",
-                 trusted: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
-    """(model with the PyTorch model's surface, its sidecar-style description). For litert and executorch,
-    `onnx` is the deployed file (.tflite / .pte) made by `tasks.export format=...`."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime={runtime} is not allowed; expected one of {', '.join(RUNTIMES)}.")
-    if runtime == "pytorch":
-        if not checkpoint:
-            raise ConfigError("runtime=pytorch needs checkpoint=<path to a tasks.train checkpoint>.")
-        if onnx:
-            log.warning("runtime=pytorch runs %s; onnx=%s is not used (set runtime=onnxruntime)", checkpoint, onnx)
-        model, cfg = load_trained_model(checkpoint, trusted=trusted)
-        meta = model_metadata(cfg) | {"train_config": OmegaConf.to_container(cfg, resolve=True),
-                                      "config_source": f"checkpoint {checkpoint}"}
-        return model.to(device), meta
-    if runtime != "onnxruntime":
-        from tasks.deploy.runner import load_deployed
-
-        if not onnx:
-            raise ConfigError(f"runtime={runtime} needs artifact=<file made by tasks.export format=...>.")
-        model = load_deployed(onnx, runtime, threads)
-        return model, dict(model.metadata) | {"config_source": f"the sidecar of {onnx}"}
-    from tasks.deploy.onnx_runtime import OnnxModel
-
-    if not onnx:
-        if not checkpoint:
-            raise ConfigError("runtime=onnxruntime needs onnx=<model.onnx> or checkpoint=<path> to export.")
-        refuse_to_overwrite([out_dir / "model.onnx", out_dir / "model.json"])
-        model, cfg = load_trained_model(checkpoint, trusted=trusted)
-        onnx = str(export_model(model, cfg, out_dir / "model.onnx", source=str(checkpoint)))
-        log.info("exported %s to %s", checkpoint, onnx)
-    elif checkpoint:
-        log.info("runtime=onnxruntime runs %s; checkpoint=%s is not used", onnx, checkpoint)
-    meta = read_sidecar(onnx) | {"config_source": f"ONNX sidecar {sidecar_path(onnx)}"}
-    if meta.get("train_config"):  # checked before anything else: the sidecar is someone else's file
-        check_file_config(meta["train_config"].get("dataset") or {}, meta["config_source"], trusted, "dataset")
-    model = OnnxModel(onnx, threads=threads, metadata=meta)
-    return model, meta
-
-
-def forward(model: Any, images: torch.Tensor, input_size: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The model's outputs for a batch; a segmentation input larger than the model's input size (base_size) is
-    covered by overlapping input-size windows, whatever runs the model (PyTorch or a deployed file)."""
-    window = int(input_size[0])
-    if max(images.shape[-2:]) <= window:
-        return model(images)
-
-    def logits(tile: torch.Tensor) -> torch.Tensor:
-        out = model(tile)
-        if "logits" not in out:
-            raise ConfigError(f"this model outputs {sorted(out)} but a {tuple(images.shape[-2:])} input (base_size "
-                              f"above the {window}-px input) is predicted window by window from 'logits'; export "
-                              f"it without the label map in the graph.")
-        return out["logits"]
-
-    return {"logits": sliding_window_logits(logits, images, window)}
-
-
-def decode(model: Any, outputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]], task: str,
-           input_size: Sequence[int], valid_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-    """The head's predict (PyTorch) or the ONNX runner's; segmentation crops the padding away first."""
-    predictor = getattr(model, "head", model)  # BackboneWithHead.predict does not pass the crop arguments
-    if task == "segmentation":
-        return predictor.predict(outputs, image_sizes, input_size=tuple(input_size), valid_sizes=valid_sizes)
-    return predictor.predict(outputs, image_sizes)
 
 
 # -- outputs -------------------------------------------------------------------------------------
