@@ -16,18 +16,16 @@ import torch
 from albumentations.augmentations.pixel import functional as albu
 
 from tasks.detection.coco import CocoDetection
-from tasks.detection.device_augment import (
-    PARAMS,
-    DeviceAugment,
-    PlannedBatch,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    resize_modes,
+from tasks.detection.device_augment import DeviceAugment, PlannedBatch
+from tasks.detection.device_geometry import (
+    AREA,
+    AREA_LINEAR,
+    LINEAR,
+    resize_mode,
     resize_weights,
     zoom_crop_flip_resize,
 )
+from tasks.detection.device_photometric import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
 from tasks.detection.transforms import IMAGENET_MEAN, IMAGENET_STD, ZoomOut, build_detection_transforms
 from tasks.images import load_rgb
 from tasks.training.loaders import PerSampleSeeds, build_loader, collate
@@ -49,11 +47,6 @@ def hwc(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy().astype(np.int64)
 
 
-def params(**values) -> list[float]:
-    record = dict.fromkeys(PARAMS, 0.0) | {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0}
-    return [float((record | values)[name]) for name in PARAMS]
-
-
 @pytest.mark.parametrize(("cpu", "device", "factors", "max_diff", "max_share"), [
     (albu.adjust_brightness_torchvision, adjust_brightness, (0.875, 0.93, 1.07, 1.125), 0, 0.0),
     (albu.adjust_contrast_torchvision, adjust_contrast, (0.5, 0.8, 1.2, 1.5), 0, 0.0),
@@ -63,7 +56,7 @@ def params(**values) -> list[float]:
 def test_photometric_ops_match_albumentations(photos, cpu, device, factors, max_diff, max_share):
     for image, factor in zip(photos, factors, strict=True):
         expected = cpu(image.copy(), factor).astype(np.int64)
-        diff = np.abs(hwc(device(chw(image), factor)) - expected)
+        diff = np.abs(hwc(device(chw(image)[None], [factor])[0]) - expected)
         assert diff.max() <= max_diff, (factor, diff.max())
         assert (diff > 0).mean() <= max_share, (factor, (diff > 0).mean())
 
@@ -82,10 +75,10 @@ def cpu_geometry(image: np.ndarray, canvas, offset, crop, flip: bool, size: int)
 
 
 def device_geometry(image: np.ndarray, canvas, offset, crop, flip: bool, size: int) -> np.ndarray:
-    record = params(canvas_h=canvas[0], canvas_w=canvas[1], top=offset[0], left=offset[1], x1=crop[0], y1=crop[1],
-                    x2=crop[2], y2=crop[3], flip=int(flip))
+    record = {"top": offset[0], "left": offset[1], "x1": crop[0], "y1": crop[1], "x2": crop[2], "y2": crop[3],
+              "flip": int(flip)}
     fill = torch.tensor([float(round(v)) for v in FILL])
-    return hwc(zoom_crop_flip_resize(chw(image), record, size, fill))
+    return hwc(zoom_crop_flip_resize(chw(image)[None], [image.shape[:2]], [record], size, fill)[0])
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -105,7 +98,8 @@ def test_zoom_out_crop_and_flip_are_exact(photos, flip):
     ((425, 640), "area", 0.005), ((200, 150), "linear", 0.2), ((400, 200), "area_linear", 0.2)])
 def test_resize_matches_opencv(photos, shape, mode, max_mean):
     image = np.ascontiguousarray(photos[1][:shape[0], :shape[1]])
-    assert image.shape[:2] == shape and resize_modes(*shape, 320) == (mode, mode)
+    assert image.shape[:2] == shape
+    assert resize_mode(*shape, 320) == {"area": AREA, "linear": LINEAR, "area_linear": AREA_LINEAR}[mode]
     interpolation = cv2.INTER_AREA if mode.startswith("area") else cv2.INTER_LINEAR
     expected = cv2.resize(image, (320, 320), interpolation=interpolation).astype(np.int64)
     weights_y, weights_x = resize_weights(shape[0], 320, mode).float(), resize_weights(shape[1], 320, mode).float()

@@ -1,0 +1,118 @@
+"""SSD's zoom-out, IoU crop, flip and square resize as one separable linear map per image, batched.
+
+The CPU pipeline places the photo on a canvas up to 4x larger per side filled with the mean colour, cuts the
+crop window out of it, maybe flips it, and resizes it to size x size with OpenCV (albumentations' Resize with
+area_for_downscale="image": INTER_AREA as soon as either side shrinks, INTER_LINEAR otherwise). Each output
+pixel is a weighted sum of crop pixels, separably per axis; here the weights are built directly for the
+photo's own pixels (the canvas is never built) and the fill colour gets the remaining weight in closed form.
+A crop of exactly size x size (no resize) gets 0/1 weights: exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+RESIZE_COEF_SCALE = 2048  # OpenCV's uint8 bilinear weights are multiples of 1/2048
+AREA, LINEAR, AREA_LINEAR = 0, 1, 2  # per-image resize modes (identity = LINEAR at scale 1)
+MODE_NAMES = {"area": AREA, "linear": LINEAR, "area_linear": AREA_LINEAR}
+
+
+def resize_mode(crop_h: int, crop_w: int, size: int) -> int:
+    """albumentations' Resize(size, size, area_for_downscale="image") in OpenCV: INTER_AREA when either side
+    shrinks, whose exact area path needs neither side to grow (else its linear fallback, "area_linear");
+    INTER_LINEAR otherwise (a crop already size x size is left as it is: LINEAR at scale 1 is the identity)."""
+    if size < crop_h or size < crop_w:
+        return AREA if size <= crop_h and size <= crop_w else AREA_LINEAR
+    return LINEAR
+
+
+def axis_weights(pos: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, size: int,
+                 modes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's uint8 resize of n[b] crop pixels to `size` along one axis, as weights on given crop positions.
+
+    pos [B, L] float64: the crop coordinate of each photo pixel along the axis; valid [B, L]: the photo pixel
+    lies inside the crop; modes[b]: AREA, LINEAR or AREA_LINEAR. Returns the weights [B, size, L] float64 and
+    each output pixel's total weight over the whole crop [B, size] (1, but for OpenCV's 1/2048 rounding).
+    """
+    device = pos.device
+    d = torch.arange(size, dtype=torch.float64, device=device)[None, :, None]  # [1, S, 1]
+    c = pos[:, None, :]  # [B, 1, L]
+    scale = (n / size)[:, None, None]
+    is_area = torch.tensor([m == AREA for m in modes]).to(device)
+    weights = total = None
+    if any(m == AREA for m in modes):  # INTER_AREA: each output pixel averages the pixels it covers, by overlap
+        start = d * scale
+        cell = torch.minimum(n[:, None, None] - start, scale)
+        weights = (torch.minimum(start + scale, c + 1) - torch.maximum(start, c)).clamp(min=0) / cell
+        total = torch.ones(len(modes), size, dtype=torch.float64, device=device)
+    if any(m != AREA for m in modes):  # INTER_LINEAR and INTER_AREA's linear fallback: two neighbours
+        d1, scale1, n1 = d[..., 0], scale[..., 0], n[:, None]
+        f = ((d1 + 0.5) * scale1 - 0.5).to(torch.float32).to(torch.float64)
+        left_fallback = torch.floor(d1 * scale1)
+        frac_fallback = (d1 + 1) - (left_fallback + 1) * (size / n1)
+        frac_fallback = torch.where(frac_fallback <= 0, 0.0, frac_fallback - torch.floor(frac_fallback))
+        fallback = torch.tensor([m == AREA_LINEAR for m in modes]).to(device)[:, None]
+        left = torch.where(fallback, left_fallback, torch.floor(f))
+        frac = torch.where(fallback, frac_fallback, f - torch.floor(f))
+        frac = torch.where((left < 0) | (left >= n1 - 1), 0.0, frac)  # edges clamped
+        left = torch.minimum(left.clamp(min=0), n1 - 1)
+        right = torch.minimum(left + 1, n1 - 1)
+        w_right = torch.round(frac * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
+        w_left = torch.round((1 - frac) * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
+        linear = w_left[..., None] * (c == left[..., None]) + w_right[..., None] * (c == right[..., None])
+        weights = linear if weights is None else torch.where(is_area[:, None, None], weights, linear)
+        total = w_left + w_right if total is None else torch.where(is_area[:, None], total, w_left + w_right)
+    return torch.where(valid[:, None, :], weights, 0.0), total
+
+
+def resize_weights(n_in: int, n_out: int, mode: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n_out, n_in] float64: OpenCV's uint8 resize along one axis as a matrix; mode "area", "linear" or
+    "area_linear" (see resize_mode)."""
+    if mode not in MODE_NAMES:
+        raise ValueError(f"resize mode must be one of {sorted(MODE_NAMES)}, got {mode!r}.")
+    pos = torch.arange(n_in, dtype=torch.float64, device=device)[None]
+    n = torch.tensor([float(n_in)], dtype=torch.float64, device=device)
+    return axis_weights(pos, torch.ones_like(pos, dtype=torch.bool), n, n_out, [MODE_NAMES[mode]])[0][0]
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).to(device)[:, None]
+
+
+def _photo_axis(length: int, offsets: Sequence[int], starts: Sequence[int], crops: Sequence[int],
+                lengths: Sequence[int], flips: Sequence[bool], device: torch.device):
+    """Crop coordinates [B, length] of each photo pixel along one axis (padded photos), and which are inside."""
+    j = torch.arange(length, dtype=torch.float64, device=device)[None]
+    n = _column(crops, device)
+    pos = j + _column(offsets, device) - _column(starts, device)
+    valid = (pos >= 0) & (pos < n) & (j < _column(lengths, device))
+    pos = torch.where(_column(flips, device) > 0, n - 1 - pos, pos)
+    return pos, valid, n[:, 0]
+
+
+def zoom_crop_flip_resize(images: torch.Tensor, sizes: Sequence[tuple[int, int]], params: Sequence[dict],
+                          size: int, fill: torch.Tensor) -> torch.Tensor:
+    """images uint8 [B, 3, Hm, Wm] (photo b in the top-left sizes[b] = (h, w), the rest ignored), params[b]
+    with canvas offset (top, left), crop window (x1, y1, x2, y2) in canvas pixels and flip -> float32
+    [B, 3, size, size] of whole uint8 levels."""
+    device = images.device
+    crop_h = [p["y2"] - p["y1"] for p in params]
+    crop_w = [p["x2"] - p["x1"] for p in params]
+    modes = [resize_mode(h, w, size) for h, w in zip(crop_h, crop_w, strict=True)]
+    no_flip = [False] * len(params)
+    pos_y, valid_y, n_y = _photo_axis(images.shape[2], [p["top"] for p in params], [p["y1"] for p in params],
+                                      crop_h, [h for h, _ in sizes], no_flip, device)
+    pos_x, valid_x, n_x = _photo_axis(images.shape[3], [p["left"] for p in params], [p["x1"] for p in params],
+                                      crop_w, [w for _, w in sizes], [p["flip"] for p in params], device)
+    wy, total_y = axis_weights(pos_y, valid_y, n_y, size, modes)
+    wx, total_x = axis_weights(pos_x, valid_x, n_x, size, modes)
+    # every output pixel = its weights on photo pixels + the rest of its weight times the fill colour
+    rest = total_y[:, :, None] * total_x[:, None, :] - wy.sum(2)[:, :, None] * wx.sum(2)[:, None, :]
+    wy, wx = wy.to(torch.float32), wx.to(torch.float32)
+    photo = torch.matmul(torch.matmul(wy[:, None], images.to(torch.float32)), wx.transpose(1, 2)[:, None])
+    out = photo + fill.to(device=device, dtype=torch.float32).view(1, 3, 1, 1) * rest.to(torch.float32)[:, None]
+    return out.round().clamp(0, 255)
+
+
+__all__ = ["axis_weights", "resize_mode", "resize_weights", "zoom_crop_flip_resize"]
