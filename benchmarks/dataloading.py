@@ -324,7 +324,7 @@ def format_table(section: dict) -> str:
             lines.append(f"{r['pipeline']:<72} {r['mode']:<54} {r['images_per_s_per_core']:>10.1f} "
                          f"{r['speedup_vs_before']:>8.2f}x {r['cores_for_gpu_rate']:>22.0f}")
         lines.append("vs Pillow = median of the per-round speed-ups over the Pillow-decoded float32 pipeline "
-                     "(the previous one); identical batches in every mode (identical boxes, images within 2 levels "
+                     "(the previous one); identical batches in every mode (identical boxes, images within 1 level "
                      "with device augmentation, whose two sides are measured apart: on a GPU the device side leaves "
                      "the CPU)")
     return "\n".join(lines)

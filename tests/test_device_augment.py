@@ -4,8 +4,9 @@ coco128's photos, CPU tensors.
 Measured here (coco128, albumentations 2.0.8, OpenCV 5.0): brightness and contrast are bit-exact; saturation
 and hue differ by at most 1 uint8 level (saturation in ~1e-5 of the values, hue in ~1e-4: OpenCV's HSV2RGB
 rounds instead of truncating for the pixels its vector loop leaves over at the end of each row); zoom-out,
-crop and flip are exact; resizing is within 1 level (INTER_AREA in ~0.1 % of the values, bilinear in ~12 %:
-OpenCV's fixed-point vertical pass); the whole pipeline within 2 levels, mean difference below 0.05.
+crop and flip are exact; resizing is within 1 level (INTER_AREA in up to ~1.3 % of the values, INTER_LINEAR in
+~0.07 %, INTER_AREA's linear fallback exact); the whole pipeline within 1 level in ~0.1 % of the values
+(64 photos at 320 and at 160).
 """
 from pathlib import Path
 
@@ -94,18 +95,17 @@ def test_zoom_out_crop_and_flip_are_exact(photos, flip):
                               cpu_geometry(image, canvas, offset, crop, flip, 200))
 
 
-@pytest.mark.parametrize(("shape", "mode", "max_mean"), [
-    ((425, 640), "area", 0.005), ((200, 150), "linear", 0.2), ((400, 200), "area_linear", 0.2)])
-def test_resize_matches_opencv(photos, shape, mode, max_mean):
-    image = np.ascontiguousarray(photos[1][:shape[0], :shape[1]])
-    assert image.shape[:2] == shape
-    assert resize_mode(*shape, 320) == {"area": AREA, "linear": LINEAR, "area_linear": AREA_LINEAR}[mode]
-    interpolation = cv2.INTER_AREA if mode.startswith("area") else cv2.INTER_LINEAR
-    expected = cv2.resize(image, (320, 320), interpolation=interpolation).astype(np.int64)
-    weights_y, weights_x = resize_weights(shape[0], 320, mode).float(), resize_weights(shape[1], 320, mode).float()
-    out = (weights_y @ chw(image).float() @ weights_x.T).round().clamp(0, 255)
-    diff = np.abs(hwc(out) - expected)
-    assert diff.max() <= 1 and diff.mean() <= max_mean, (diff.max(), diff.mean())
+@pytest.mark.parametrize(("shape", "mode", "max_share"), [
+    ((425, 640), AREA, 0.02), ((200, 150), LINEAR, 0.002), ((400, 200), AREA_LINEAR, 0.0), ((150, 320), LINEAR, 0.0)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_resize_matches_opencv(photos, shape, mode, max_share, flip):
+    """Crop windows inside the photo, resized: INTER_AREA in float32, INTER_LINEAR in OpenCV's fixed point."""
+    image = photos[1]
+    assert resize_mode(*shape, 320) == mode
+    crop = (0, 0, shape[1], shape[0])
+    diff = np.abs(device_geometry(image, image.shape[:2], (0, 0), crop, flip, 320)
+                  - cpu_geometry(image, image.shape[:2], (0, 0), crop, flip, 320))
+    assert diff.max() <= 1 and (diff > 0).mean() <= max_share, (diff.max(), (diff > 0).mean())
 
 
 def test_resize_weights_rows_sum_to_one():
@@ -132,7 +132,7 @@ def coco128(shared_data: Path, **options) -> PerSampleSeeds:
 
 
 def test_whole_pipeline_same_boxes_close_images(shared_data, one_thread):
-    """Same per-sample seeds: the targets are the CPU path's exactly, the images within 2 levels."""
+    """Same per-sample seeds: the targets are the CPU path's exactly, the images within 1 level."""
     cpu, planned = coco128(shared_data, normalize=False), coco128(shared_data, device_augment=True)
     indices = range(12)
     expected, expected_targets = collate([cpu[i] for i in indices])
@@ -144,7 +144,8 @@ def test_whole_pipeline_same_boxes_close_images(shared_data, one_thread):
     augment = planned.transforms.device_augment
     images = augment.augment_uint8(batch)
     diff = (images.int() - expected.int()).abs()
-    assert images.shape == expected.shape and diff.max() <= 2 and diff.float().mean() <= 0.05, diff.max()
+    assert images.shape == expected.shape and diff.max() <= 1, diff.max()
+    assert (diff > 0).float().mean() <= 0.005, (diff > 0).float().mean()
     normalized = augment(batch)
     assert normalized.dtype == torch.float32
     assert torch.equal(normalized, cpu.transforms.device_normalize(images))

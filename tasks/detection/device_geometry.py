@@ -5,7 +5,8 @@ crop window out of it, maybe flips it, and resizes it to size x size with OpenCV
 area_for_downscale="image": INTER_AREA as soon as either side shrinks, INTER_LINEAR otherwise). Each output
 pixel is a weighted sum of crop pixels, separably per axis; here the weights are built directly for the
 photo's own pixels (the canvas is never built) and the fill colour gets the remaining weight in closed form.
-A crop of exactly size x size (no resize) gets 0/1 weights: exact.
+INTER_AREA is computed in float32 like OpenCV's; INTER_LINEAR (and INTER_AREA's linear fallback) in
+OpenCV's own fixed-point integer arithmetic. A crop of exactly size x size (no resize) comes out exact.
 """
 from __future__ import annotations
 
@@ -27,6 +28,26 @@ def resize_mode(crop_h: int, crop_w: int, size: int) -> int:
     return LINEAR
 
 
+def _linear_taps(n: torch.Tensor, size: int, fallback: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """OpenCV's two-tap resize of n[b] pixels to `size`: for each output pixel [B, size] the left and right
+    source pixels and their weights (multiples of 1/2048). INTER_LINEAR (half-pixel centres), or where
+    fallback[b], INTER_AREA's linear fallback; edges clamped."""
+    d = torch.arange(size, dtype=torch.float64, device=n.device)[None]
+    scale, n1 = (n / size)[:, None], n[:, None]
+    f = ((d + 0.5) * scale - 0.5).to(torch.float32).to(torch.float64)
+    left_fallback = torch.floor(d * scale)
+    frac_fallback = (d + 1) - (left_fallback + 1) * (size / n1)
+    frac_fallback = torch.where(frac_fallback <= 0, 0.0, frac_fallback - torch.floor(frac_fallback))
+    left = torch.where(fallback[:, None], left_fallback, torch.floor(f))
+    frac = torch.where(fallback[:, None], frac_fallback, f - torch.floor(f))
+    frac = torch.where((left < 0) | (left >= n1 - 1), 0.0, frac)
+    left = torch.minimum(left.clamp(min=0), n1 - 1)
+    right = torch.minimum(left + 1, n1 - 1)
+    w_right = torch.round(frac * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
+    w_left = torch.round((1 - frac) * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
+    return left, right, w_left, w_right
+
+
 def axis_weights(pos: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, size: int,
                  modes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """OpenCV's uint8 resize of n[b] crop pixels to `size` along one axis, as weights on given crop positions.
@@ -36,30 +57,19 @@ def axis_weights(pos: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, size: 
     each output pixel's total weight over the whole crop [B, size] (1, but for OpenCV's 1/2048 rounding).
     """
     device = pos.device
-    d = torch.arange(size, dtype=torch.float64, device=device)[None, :, None]  # [1, S, 1]
     c = pos[:, None, :]  # [B, 1, L]
-    scale = (n / size)[:, None, None]
     is_area = torch.tensor([m == AREA for m in modes]).to(device)
     weights = total = None
     if any(m == AREA for m in modes):  # INTER_AREA: each output pixel averages the pixels it covers, by overlap
+        d = torch.arange(size, dtype=torch.float64, device=device)[None, :, None]
+        scale = (n / size)[:, None, None]
         start = d * scale
         cell = torch.minimum(n[:, None, None] - start, scale)
         weights = (torch.minimum(start + scale, c + 1) - torch.maximum(start, c)).clamp(min=0) / cell
         total = torch.ones(len(modes), size, dtype=torch.float64, device=device)
-    if any(m != AREA for m in modes):  # INTER_LINEAR and INTER_AREA's linear fallback: two neighbours
-        d1, scale1, n1 = d[..., 0], scale[..., 0], n[:, None]
-        f = ((d1 + 0.5) * scale1 - 0.5).to(torch.float32).to(torch.float64)
-        left_fallback = torch.floor(d1 * scale1)
-        frac_fallback = (d1 + 1) - (left_fallback + 1) * (size / n1)
-        frac_fallback = torch.where(frac_fallback <= 0, 0.0, frac_fallback - torch.floor(frac_fallback))
-        fallback = torch.tensor([m == AREA_LINEAR for m in modes]).to(device)[:, None]
-        left = torch.where(fallback, left_fallback, torch.floor(f))
-        frac = torch.where(fallback, frac_fallback, f - torch.floor(f))
-        frac = torch.where((left < 0) | (left >= n1 - 1), 0.0, frac)  # edges clamped
-        left = torch.minimum(left.clamp(min=0), n1 - 1)
-        right = torch.minimum(left + 1, n1 - 1)
-        w_right = torch.round(frac * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
-        w_left = torch.round((1 - frac) * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
+    if any(m != AREA for m in modes):
+        fallback = torch.tensor([m == AREA_LINEAR for m in modes]).to(device)
+        left, right, w_left, w_right = _linear_taps(n, size, fallback)
         linear = w_left[..., None] * (c == left[..., None]) + w_right[..., None] * (c == right[..., None])
         weights = linear if weights is None else torch.where(is_area[:, None, None], weights, linear)
         total = w_left + w_right if total is None else torch.where(is_area[:, None], total, w_left + w_right)
@@ -91,28 +101,75 @@ def _photo_axis(length: int, offsets: Sequence[int], starts: Sequence[int], crop
     return pos, valid, n[:, 0]
 
 
+def _resize_area(images: torch.Tensor, wy: torch.Tensor, total_y: torch.Tensor, wx: torch.Tensor,
+                 total_x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """INTER_AREA (OpenCV: float sums, rounded): every output pixel = its weights on photo pixels + the rest
+    of its weight times the fill colour."""
+    rest = total_y[:, :, None] * total_x[:, None, :] - wy.sum(2)[:, :, None] * wx.sum(2)[:, None, :]
+    wy, wx = wy.to(torch.float32), wx.to(torch.float32)
+    photo = torch.matmul(torch.matmul(wy[:, None], images.to(torch.float32)), wx.transpose(1, 2)[:, None])
+    return (photo + fill.view(1, 3, 1, 1) * rest.to(torch.float32)[:, None]).round().clamp(0, 255)
+
+
+def _resize_fixed_point(images: torch.Tensor, wx: torch.Tensor, total_x: torch.Tensor, taps_y: tuple,
+                        first_row: torch.Tensor, heights: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """INTER_LINEAR on uint8 as OpenCV computes it: an integer horizontal pass (weights in 1/2048), then its
+    vectorised vertical pass, ((D0 >> 4) * b0 >> 16) + ((D1 >> 4) * b1 >> 16) + 2 >> 2. Rows of the crop
+    outside the photo are fill rows. first_row[b]: the photo row at crop row 0 (negative: fill above)."""
+    scale = float(RESIZE_COEF_SCALE)
+    wx_int = wx * scale
+    fill_x = (total_x - wx.sum(2)) * scale  # [B, S] the fill colour's weight in each output column
+    # integer-valued and below 2^24 (255 * 2048): exact in float32
+    rows = torch.matmul(images.to(torch.float32), wx_int.to(torch.float32).transpose(1, 2)[:, None])
+    rows = rows.to(torch.int64) + (fill.view(1, 3, 1, 1) * fill_x[:, None, None, :]).to(torch.int64)
+    fill_row = (fill.view(1, 3, 1) * (total_x * scale)[:, None, :]).to(torch.int64)  # [B, 3, S]
+    out = torch.full_like(rows[:, :, :1, :].expand(-1, -1, wx.shape[1], -1), 2)
+    for source, weight in ((taps_y[0], taps_y[2]), (taps_y[1], taps_y[3])):
+        photo_row = source + first_row[:, None]  # [B, S]
+        inside = (photo_row >= 0) & (photo_row < heights[:, None])
+        index = photo_row.clamp(0, images.shape[2] - 1).to(torch.int64)[:, None, :, None].expand(-1, 3, -1,
+                                                                                                  rows.shape[3])
+        picked = torch.where(inside[:, None, :, None], torch.gather(rows, 2, index), fill_row[:, :, None, :])
+        out = out + (((picked >> 4) * (weight * scale).to(torch.int64)[:, None, :, None]) >> 16)
+    return (out >> 2).clamp(0, 255).to(torch.float32)
+
+
 def zoom_crop_flip_resize(images: torch.Tensor, sizes: Sequence[tuple[int, int]], params: Sequence[dict],
                           size: int, fill: torch.Tensor) -> torch.Tensor:
     """images uint8 [B, 3, Hm, Wm] (photo b in the top-left sizes[b] = (h, w), the rest ignored), params[b]
     with canvas offset (top, left), crop window (x1, y1, x2, y2) in canvas pixels and flip -> float32
     [B, 3, size, size] of whole uint8 levels."""
     device = images.device
+    fill = fill.to(device=device, dtype=torch.float32)
     crop_h = [p["y2"] - p["y1"] for p in params]
     crop_w = [p["x2"] - p["x1"] for p in params]
     modes = [resize_mode(h, w, size) for h, w in zip(crop_h, crop_w, strict=True)]
-    no_flip = [False] * len(params)
-    pos_y, valid_y, n_y = _photo_axis(images.shape[2], [p["top"] for p in params], [p["y1"] for p in params],
-                                      crop_h, [h for h, _ in sizes], no_flip, device)
     pos_x, valid_x, n_x = _photo_axis(images.shape[3], [p["left"] for p in params], [p["x1"] for p in params],
                                       crop_w, [w for _, w in sizes], [p["flip"] for p in params], device)
-    wy, total_y = axis_weights(pos_y, valid_y, n_y, size, modes)
     wx, total_x = axis_weights(pos_x, valid_x, n_x, size, modes)
-    # every output pixel = its weights on photo pixels + the rest of its weight times the fill colour
-    rest = total_y[:, :, None] * total_x[:, None, :] - wy.sum(2)[:, :, None] * wx.sum(2)[:, None, :]
-    wy, wx = wy.to(torch.float32), wx.to(torch.float32)
-    photo = torch.matmul(torch.matmul(wy[:, None], images.to(torch.float32)), wx.transpose(1, 2)[:, None])
-    out = photo + fill.to(device=device, dtype=torch.float32).view(1, 3, 1, 1) * rest.to(torch.float32)[:, None]
-    return out.round().clamp(0, 255)
+    out = torch.empty(len(params), 3, size, size, dtype=torch.float32, device=device)
+    area = [i for i, m in enumerate(modes) if m == AREA]
+    if area:
+        index = torch.tensor(area, device=device)
+        pos_y, valid_y, n_y = _photo_axis(images.shape[2], [params[i]["top"] for i in area],
+                                          [params[i]["y1"] for i in area], [crop_h[i] for i in area],
+                                          [sizes[i][0] for i in area], [False] * len(area), device)
+        wy, total_y = axis_weights(pos_y, valid_y, n_y, size, [AREA] * len(area))
+        out.index_copy_(0, index, _resize_area(images.index_select(0, index), wy, total_y, wx.index_select(0, index),
+                                               total_x.index_select(0, index), fill))
+    linear = [i for i, m in enumerate(modes) if m != AREA]
+    if linear:
+        index = torch.tensor(linear, device=device)
+        n_y = torch.tensor([float(crop_h[i]) for i in linear], dtype=torch.float64).to(device)
+        fallback = torch.tensor([modes[i] == AREA_LINEAR for i in linear]).to(device)
+        taps_y = _linear_taps(n_y, size, fallback)
+        first_row = torch.tensor([float(params[i]["y1"] - params[i]["top"]) for i in linear],
+                                 dtype=torch.float64).to(device)
+        heights = torch.tensor([float(sizes[i][0]) for i in linear], dtype=torch.float64).to(device)
+        out.index_copy_(0, index, _resize_fixed_point(images.index_select(0, index), wx.index_select(0, index),
+                                                      total_x.index_select(0, index), taps_y, first_row, heights,
+                                                      fill))
+    return out
 
 
 __all__ = ["axis_weights", "resize_mode", "resize_weights", "zoom_crop_flip_resize"]
