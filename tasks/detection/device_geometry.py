@@ -10,7 +10,8 @@ OpenCV's own fixed-point integer arithmetic. A crop of exactly size x size (no r
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -101,6 +102,19 @@ def _photo_axis(length: int, offsets: Sequence[int], starts: Sequence[int], crop
     return pos, valid, n[:, 0]
 
 
+@contextlib.contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """Matrix products in true float32: no autocast, no TF32 (its 11-bit inputs would move INTER_AREA's
+    fractional weights by up to ~0.1 level; the fixed-point path's integers are exact either way)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _resize_area(images: torch.Tensor, wy: torch.Tensor, total_y: torch.Tensor, wx: torch.Tensor,
                  total_x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """INTER_AREA (OpenCV: float sums, rounded): every output pixel = its weights on photo pixels + the rest
@@ -148,6 +162,16 @@ def zoom_crop_flip_resize(images: torch.Tensor, sizes: Sequence[tuple[int, int]]
                                       crop_w, [w for _, w in sizes], [p["flip"] for p in params], device)
     wx, total_x = axis_weights(pos_x, valid_x, n_x, size, modes)
     out = torch.empty(len(params), 3, size, size, dtype=torch.float32, device=device)
+    with full_float32(device):
+        _resize_into(out, images, sizes, params, modes, crop_h, wx, total_x, size, fill)
+    return out
+
+
+def _resize_into(out: torch.Tensor, images: torch.Tensor, sizes: Sequence[tuple[int, int]], params: Sequence[dict],
+                 modes: Sequence[int], crop_h: Sequence[float], wx: torch.Tensor, total_x: torch.Tensor, size: int,
+                 fill: torch.Tensor) -> None:
+    """Fills out[b] for each image: the INTER_AREA ones in float32, the others in OpenCV's fixed point."""
+    device = images.device
     area = [i for i, m in enumerate(modes) if m == AREA]
     if area:
         index = torch.tensor(area, device=device)
@@ -169,7 +193,6 @@ def zoom_crop_flip_resize(images: torch.Tensor, sizes: Sequence[tuple[int, int]]
         out.index_copy_(0, index, _resize_fixed_point(images.index_select(0, index), wx.index_select(0, index),
                                                       total_x.index_select(0, index), taps_y, first_row, heights,
                                                       fill))
-    return out
 
 
 __all__ = ["axis_weights", "resize_mode", "resize_weights", "zoom_crop_flip_resize"]
