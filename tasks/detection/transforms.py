@@ -194,6 +194,10 @@ def photometric_distortion() -> A.BaseCompose:
     )
 
 
+def bbox_params() -> A.BboxParams:
+    return A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True)
+
+
 class DetectionTransform:
     """Runs an albumentations pipeline on (image, boxes, labels) and returns model-ready tensors.
 
@@ -245,9 +249,8 @@ class DetectionTransform:
         )
         if len(boxes) != len(labels):
             raise ValueError(f"got {len(boxes)} boxes but {len(labels)} labels; expected one label per box.")
-        out = self.compose(image=image, bboxes=boxes, labels=labels)
-        # HWC -> CHW in numpy: torch's own permute+copy is far slower on small contended CPUs.
-        image_t = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        out = self.compose(image=self._compose_input(image), bboxes=boxes, labels=labels)
+        image_t = self._output_image(out, image)
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4) / self.size
         out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
         out_boxes = np.clip(out_boxes, 0.0, 1.0)
@@ -257,6 +260,13 @@ class DetectionTransform:
             torch.from_numpy(np.ascontiguousarray(out_boxes[keep])),
             torch.from_numpy(np.ascontiguousarray(out_labels[keep])),
         )
+
+    def _compose_input(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def _output_image(self, out: dict[str, Any], image: np.ndarray) -> Any:
+        # HWC -> CHW in numpy: torch's own permute+copy is far slower on small contended CPUs.
+        return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
         return f"DetectionTransform(size={self.size}, compose={self.compose!r})"
@@ -273,12 +283,18 @@ def build_detection_transforms(
     std: Sequence[float] = IMAGENET_STD,
     seed: int | None = None,
     normalize: bool = True,
+    device_augment: bool = False,
 ) -> DetectionTransform:
     """SSD's training augmentation (photometric -> zoom-out p=0.5 -> IoU crop -> flip) or, for evaluation,
     only the resize; both end with a square `size` x `size` resize (no letterbox) and normalisation.
-    `normalize=False` leaves the images uint8 for the device to normalise (`transform.device_normalize`)."""
+    `normalize=False` leaves the images uint8 for the device to normalise (`transform.device_normalize`).
+    `device_augment=True` (training only): the images leave as decoded, with their drawn augmentation
+    parameters, for the device to augment and normalise (`transform.device_augment`, device_augment.py)."""
     if int(size) <= 0:
         raise ValueError(f"transform size must be a positive number of pixels, got {size}.")
+    if device_augment and not train:
+        raise ValueError("device_augment applies to training transforms only (train=true); evaluation "
+                         "images are resized and normalised on the CPU.")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     steps: list[Any] = []
     if train:
@@ -291,13 +307,14 @@ def build_detection_transforms(
         if hflip:
             steps.append(A.HorizontalFlip(p=0.5))
     steps.append(A.Resize(height=int(size), width=int(size), area_for_downscale="image"))
+    if device_augment:  # augment_plan builds on this module's transforms, hence the late import
+        from tasks.detection.augment_plan import PlannedDetectionTransform, planned
+        from tasks.detection.device_augment import DeviceAugment
+
+        compose = A.Compose([planned(step) for step in steps], bbox_params=bbox_params())
+        return PlannedDetectionTransform(compose, int(size), DeviceAugment(int(size), mean, std), seed=seed)
     if normalize:
         steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
-    compose = A.Compose(
-        steps,
-        bbox_params=A.BboxParams(
-            format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True
-        ),
-    )
+    compose = A.Compose(steps, bbox_params=bbox_params())
     return DetectionTransform(compose, size=int(size), seed=seed,
                               device_normalize=None if normalize else DeviceNormalize(mean, std))

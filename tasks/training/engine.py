@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tasks.detection.device_augment import PlannedBatch
 from tasks.errors import DataError
 from tasks.training import distributed as dist
 from tasks.training.checkpoint import load_checkpoint, save_checkpoint
@@ -219,7 +220,9 @@ class Engine:
                    disable=not (self.options.progress and dist.is_main()), dynamic_ncols=True, leave=False)
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
-            if images.dtype == torch.uint8:  # transforms with normalize=false: normalised on the device
+            if isinstance(images, PlannedBatch):  # transforms with device_augment=true: augmented on the device
+                images = self.train_loader.dataset.transforms.device_augment(images)
+            elif images.dtype == torch.uint8:  # transforms with normalize=false: normalised on the device
                 images = self.train_loader.dataset.transforms.device_normalize(images)
             if self.options.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -16,17 +16,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tasks.detection.device_augment import PlannedBatch, PlannedImage
 from tasks.errors import DataError
 from tasks.training import distributed as dist
 
 log = logging.getLogger(__name__)
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-    """Images of one size stack into [B, 3, H, W]; targets stay one dict per image."""
+def collate(batch: Sequence[tuple[torch.Tensor | PlannedImage, dict]]
+            ) -> tuple[torch.Tensor | PlannedBatch, list[dict]]:
+    """Images of one size stack into [B, 3, H, W]; targets stay one dict per image. Photos planned for device
+    augmentation (any size) become one PlannedBatch."""
     if len(batch) == 0:
         raise ValueError("collate got an empty batch; expected at least one (image, target) pair.")
     images, targets = zip(*batch)
+    if all(isinstance(img, PlannedImage) for img in images):
+        return PlannedBatch.collate(images), list(targets)
     shapes = {tuple(img.shape) for img in images}
     if len(shapes) != 1:
         raise ValueError(f"collate got images of shapes {sorted(shapes)}; expected one size "
