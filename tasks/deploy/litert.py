@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.deploy.in_graph import FLOAT_MODULES
+from tasks.deploy.in_graph import FLOAT_MODULES, CandidateDecoder
 from tasks.deploy.runner import DeployedModel
 
 log = logging.getLogger(__name__)
@@ -42,24 +42,47 @@ def quiet_converter():
         log.debug("litert-torch output:\n%s", buffer.getvalue())
 
 
+def tflite_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk along the last axis as LiteRT's TOPK_V2. litert-torch lowers torch.topk to a sort, which
+    the LiteRT interpreter cannot run ("Didn't find op for builtin opcode 'STABLEHLO_SORT'") unless k is the
+    whole axis; its own tfl.topk_v2 op lowers to TOPK_V2."""
+    values, index = torch.ops.tfl.topk_v2(x, k)
+    return values, index.long()
+
+
+@contextlib.contextmanager
+def tflite_ops(graph: nn.Module):
+    """`graph`'s candidate decoders use tflite_topk while it converts."""
+    from litert_torch.backend.experimental import torch_tfl  # noqa: F401 - registers torch.ops.tfl
+
+    decoders = [m for m in graph.modules() if isinstance(m, CandidateDecoder)]
+    previous = [m.topk for m in decoders]
+    for decoder in decoders:
+        decoder.topk = tflite_topk
+    try:
+        yield
+    finally:
+        for decoder, topk in zip(decoders, previous):
+            decoder.topk = topk
+
+
 def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precision: str = "fp32",
                    calibration: Sequence[torch.Tensor] = ()) -> Path:
     """`graph` (batch-1 example) -> a .tflite file at `path`."""
     import litert_torch
 
     args = (example,)
-    with quiet_converter():
+    with quiet_converter(), tflite_ops(graph):
         if precision == "int8":
-            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+            from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
             from torchao.quantization.pt2e import move_exported_model_to_eval
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+            from tasks.deploy.litert_quantizer import litert_quantizer
+
             config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-            quantizer = PT2EQuantizer().set_global(config)
-            for module_type in FLOAT_MODULES:  # the post-processing stays float32; this quantizer compares
-                # the type names torch.export records, not classes
-                quantizer.set_module_type(f"{module_type.__module__}.{module_type.__qualname__}", None)
+            quantizer = litert_quantizer(config, FLOAT_MODULES)  # the post-processing stays float32
             prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
             with torch.no_grad():
                 for image in calibration:
