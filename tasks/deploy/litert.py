@@ -7,10 +7,11 @@ outputs plus the post-processing up to NMS (decoding, softmax, per-class top-k; 
 the custom TFLite_Detection_PostProcess op, which litert-torch does not emit; the runner applies
 tasks.deploy.in_graph.select_detections (the head's rule) to the candidates.
 
-int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer), observers
-calibrated on the given images. Depending on the graph, the converter keeps a float32 input (a QUANTIZE op
-first) or makes it int8; raw outputs may come out int8 with their scale / zero point: the runner quantizes
-the input and dequantizes the outputs as the file's tensors say.
+int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer, plus the adds and
+concatenations it misses: tasks/deploy/litert_quantizer.py), observers calibrated on the given images.
+Depending on the graph, the converter keeps a float32 input (a QUANTIZE op first) or makes it int8; raw
+outputs may come out int8 with their scale / zero point: the runner quantizes the input and dequantizes the
+outputs as the file's tensors say.
 """
 from __future__ import annotations
 
