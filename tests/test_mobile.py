@@ -146,24 +146,24 @@ def test_litert_topk_runs_in_the_interpreter_and_equals_pytorch(tmp_path):
     np.testing.assert_allclose(boxes, expected_boxes.numpy(), atol=1e-6)
 
 
-def test_litert_quantizer_observes_the_head_concatenations_not_the_anchors(artifacts):
+def test_litert_quantizer_observes_relu6_and_the_head_concatenations_not_the_anchors(artifacts):
     """litert-torch's own annotators miss aten.cat / aten.add under torch >= 2.10 (they match function objects
-    against the names torch.export records); ours observes the image-dependent ones outside the decoding."""
+    against the names torch.export records) and observe ReLU6 through its conv; ours observes the
+    image-dependent adds / concatenations outside the decoding and each ReLU6 after its clamp."""
     _require("tflite")
-    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     from tasks.deploy.fold_bn import fold_batchnorm
     from tasks.deploy.in_graph import FLOAT_MODULES, from_modules
-    from tasks.deploy.litert_quantizer import image_dependent_nodes, litert_quantizer
     from tasks.deploy.mobile_export import MobileGraph
+    from tasks.deploy.pt2e_quantizers import CONVOLUTIONS, RELU6, image_dependent_nodes, litert_quantizer
     from tasks.deploy.sidecar import model_metadata
     from tasks.training.trained import load_trained_model
 
     model, cfg = load_trained_model(artifacts["detection"]["checkpoint"])
     graph = MobileGraph(fold_batchnorm(model.eval()), model_metadata(cfg)).eval()
     exported_graph = torch.export.export(graph, (torch.randn(1, 3, 64, 64),)).module()
-    quantizer = litert_quantizer(get_symmetric_quantization_config(is_per_channel=True), FLOAT_MODULES)
+    quantizer = litert_quantizer(FLOAT_MODULES)
     prepared = prepare_pt2e(exported_graph, quantizer)
     dependent = image_dependent_nodes(prepared.graph)
     cats = [n for n in prepared.graph.nodes if n.target == torch.ops.aten.cat.default]
@@ -174,6 +174,10 @@ def test_litert_quantizer_observes_the_head_concatenations_not_the_anchors(artif
     adds = [n for n in prepared.graph.nodes if n.target == torch.ops.aten.add.Tensor and n in dependent
             and all(a in dependent for a in n.args[:2]) and not from_modules(n)]  # the residual adds
     assert adds and all(any("activation_post_process" in str(u.target) for u in n.users) for n in adds)
+    # every ReLU6 is observed after its clamp, not through its conv's observer (which would see < 0 and > 6)
+    relu6 = [n for n in prepared.graph.nodes if n.target in RELU6]
+    assert relu6 and all(n.args[0].target in CONVOLUTIONS for n in relu6)  # no observer in between
+    assert all(any("activation_post_process" in str(u.target) for u in n.users) for n in relu6)
 
 
 def test_litert_int8_runs_integer_kernels(artifacts, tmp_path_factory):

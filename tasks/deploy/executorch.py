@@ -7,8 +7,9 @@ runner applies tasks.deploy.in_graph.select_detections to the candidates. Ops XN
 (top-k, gather, argmax) run in ExecuTorch's portable kernels, and so does the label map's upsample in int8
 graphs (int8_partitioner_configs says why).
 
-int8: weights int8 symmetric per channel, activations int8 (XNNPACKQuantizer's symmetric config), observers
-calibrated on the given images; input and outputs stay float32 (quantize / dequantize inside the graph).
+int8: weights int8 symmetric per channel, activations int8 (XNNPACKQuantizer's symmetric config, plus conv +
+ReLU6 fusion: tasks/deploy/pt2e_quantizers.py), observers calibrated on the given images; input and outputs
+stay float32 (quantize / dequantize inside the graph).
 """
 from __future__ import annotations
 
@@ -35,16 +36,12 @@ def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, prec
 
     args = (example,)
     if precision == "int8":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        for module_type in FLOAT_MODULES:  # the post-processing stays float32
-            quantizer.set_module_type(module_type, None)
+        from tasks.deploy.pt2e_quantizers import xnnpack_quantizer
+
+        quantizer = xnnpack_quantizer(FLOAT_MODULES)  # the post-processing stays float32
         prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
         with torch.no_grad():
             for image in calibration:

@@ -7,8 +7,8 @@ outputs plus the post-processing up to NMS (decoding, softmax, per-class top-k; 
 the custom TFLite_Detection_PostProcess op, which litert-torch does not emit; the runner applies
 tasks.deploy.in_graph.select_detections (the head's rule) to the candidates.
 
-int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer, plus the adds and
-concatenations it misses: tasks/deploy/litert_quantizer.py), observers calibrated on the given images.
+int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer, plus the ReLU6s,
+adds and concatenations it misses: tasks/deploy/pt2e_quantizers.py), observers calibrated on the given images.
 Depending on the graph, the converter keeps a float32 input (a QUANTIZE op first) or makes it int8; raw
 outputs may come out int8 with their scale / zero point: the runner quantizes the input and dequantizes the
 outputs as the file's tensors say.
@@ -75,15 +75,13 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
     args = (example,)
     with quiet_converter(), tflite_ops(graph):
         if precision == "int8":
-            from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
             from torchao.quantization.pt2e import move_exported_model_to_eval
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            from tasks.deploy.litert_quantizer import litert_quantizer
+            from tasks.deploy.pt2e_quantizers import litert_quantizer
 
-            config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-            quantizer = litert_quantizer(config, FLOAT_MODULES)  # the post-processing stays float32
+            quantizer = litert_quantizer(FLOAT_MODULES)  # the post-processing stays float32
             prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
             with torch.no_grad():
                 for image in calibration:
