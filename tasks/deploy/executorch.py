@@ -4,10 +4,12 @@ XNNPACK's quantizer) and a runner over ExecuTorch's Python runtime with the PyTo
 Both come from `mobilevision[mobile]`. The graph is tasks.deploy.mobile_export.MobileGraph at batch 1. NMS
 stays outside the graph (ExecuTorch has no NMS kernel; torchvision::nms does not lower to XNNPACK): the
 runner applies tasks.deploy.in_graph.select_detections to the candidates. Ops XNNPACK does not take
-(top-k, gather, argmax) run in ExecuTorch's portable kernels.
+(top-k, gather, argmax) run in ExecuTorch's portable kernels, and so does the label map's upsample in int8
+graphs (int8_partitioner_configs says why).
 
-int8: weights int8 symmetric per channel, activations int8 (XNNPACKQuantizer's symmetric config), observers
-calibrated on the given images; input and outputs stay float32 (quantize / dequantize inside the graph).
+int8: weights int8 symmetric per channel, activations int8 (XNNPACKQuantizer's symmetric config, plus conv +
+ReLU6 fusion: tasks/deploy/pt2e_quantizers.py), observers calibrated on the given images; input and outputs
+stay float32 (quantize / dequantize inside the graph).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.deploy.in_graph import FLOAT_MODULES
+from tasks.deploy.in_graph import FLOAT_MODULES, from_modules
 from tasks.deploy.runner import DeployedModel
 
 log = logging.getLogger(__name__)
@@ -34,27 +36,41 @@ def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, prec
 
     args = (example,)
     if precision == "int8":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        for module_type in FLOAT_MODULES:  # the post-processing stays float32
-            quantizer.set_module_type(module_type, None)
+        from tasks.deploy.pt2e_quantizers import xnnpack_quantizer
+
+        quantizer = xnnpack_quantizer(FLOAT_MODULES)  # the post-processing stays float32
         prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
         with torch.no_grad():
             for image in calibration:
                 prepared(image[None] if image.dim() == 3 else image)
         graph = move_exported_model_to_eval(convert_pt2e(prepared))
     program = torch.export.export(graph, args)
-    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    partitioner = XnnpackPartitioner(configs=int8_partitioner_configs() if precision == "int8" else None)
+    lowered = to_edge_transform_and_lower(program, partitioner=[partitioner]).to_executorch()
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(lowered.buffer)
     tmp.replace(path)
     return path
+
+
+def int8_partitioner_configs() -> list:
+    """XNNPACK's partitioner configs, but the label map's bilinear upsample runs in ExecuTorch's portable kernel.
+
+    In an int8 graph that upsample takes the dequantized logits, and XNNPACK (executorch 1.5) hands its output
+    back in the wrong layout: where the shapes coincide (a 64 px input, 4x4 logits of 4 classes) the label map
+    is silently wrong (18 % of pixels agree), elsewhere the method fails ("Attempted to resize a static tensor.
+    Expected shape (1, 4, 160, 160), but received (1, 10, 160, 160)", error 0x10)."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import UpsampleBilinear2dConfig
+
+    class NetworkUpsampleOnly(UpsampleBilinear2dConfig):
+        def check_constraints(self, node, ep) -> bool:
+            return not from_modules(node, FLOAT_MODULES) and super().check_constraints(node, ep)
+
+    return [NetworkUpsampleOnly if c is UpsampleBilinear2dConfig else c for c in ALL_PARTITIONER_CONFIGS]
 
 
 class ExecuTorchModel(DeployedModel):

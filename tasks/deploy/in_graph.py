@@ -49,26 +49,33 @@ def check_settings(settings: Mapping[str, Any]) -> None:
                           f"export with nms_in_graph=false (decoding outside the graph) or set them to null.")
 
 
+def last_dim_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, int64 indices) of the `k` largest along the last axis, highest first."""
+    return x.topk(k, dim=-1)
+
+
 class CandidateDecoder(nn.Module):
     """(cls_logits, bbox_regression, anchors) -> (candidate_boxes, candidate_scores). A module of its own so
-    that quantizers can leave it in float (int8 graphs quantize the network, not the decoding)."""
+    that quantizers can leave it in float (int8 graphs quantize the network, not the decoding). `topk` is
+    the top-k op along the last axis; a converter whose lowering of torch.topk fails swaps in its own."""
 
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__()
         check_settings(settings)
+        self.topk = last_dim_topk
         self.box_coder = BoxCoder(tuple(settings["box_coder_weights"]))
-        self.topk = int(settings["topk_candidates"])
+        self.topk_candidates = int(settings["topk_candidates"])
         self.nms_pre = None if settings.get("nms_pre") is None else int(settings["nms_pre"])
 
     def forward(self, logits: Tensor, codes: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         boxes = self.box_coder.decode(codes.float(), anchors[None]).clamp(0.0, 1.0)  # [B, A, 4]
         scores = F.softmax(logits.float(), dim=-1)[..., 1:].transpose(1, 2)  # [B, K, A]
-        scores, index = scores.topk(min(self.topk, scores.shape[-1]), dim=2)  # [B, K, k]
+        scores, index = self.topk(scores, min(self.topk_candidates, scores.shape[-1]))  # [B, K, k]
         num_classes = scores.shape[1]
         if self.nms_pre is not None and self.nms_pre < scores.shape[1] * scores.shape[2]:
             # the head's nms_pre: only the best nms_pre (class, anchor) pairs of an image reach NMS; the rest
             # get score 0, below any score_threshold (pairs tied with the last one kept are kept too)
-            kth = scores.flatten(1).topk(self.nms_pre, dim=1).values[:, -1:, None]  # [B, 1, 1]
+            kth = self.topk(scores.flatten(1), self.nms_pre)[0][:, -1:, None]  # [B, 1, 1]
             scores = torch.where(scores >= kth, scores, torch.zeros_like(scores))
         per_class = boxes[:, None].expand(-1, num_classes, -1, -1)
         candidates = torch.gather(per_class, 2, index[..., None].expand(-1, -1, -1, 4))
@@ -85,6 +92,18 @@ class LabelMap(nn.Module):
 
 
 FLOAT_MODULES = (CandidateDecoder, LabelMap)  # int8 conversion quantizes the network, not these
+
+
+def type_name(module_type: type) -> str:
+    """A class as torch.export's nn_module_stack may record it."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def from_modules(node: Any, module_types: Sequence[type] = FLOAT_MODULES) -> bool:
+    """Whether an exported graph's node (torch.fx.Node) was traced inside one of `module_types`."""
+    names = {type_name(t) for t in module_types}
+    return any((t if isinstance(t, str) else type_name(t)) in names
+               for _, t in (node.meta.get("nn_module_stack") or {}).values())
 
 
 class DetectionCandidates(nn.Module):
@@ -172,5 +191,6 @@ def label_maps_to_results(labels: Tensor, image_sizes: Sequence[Sequence[int]],
 
 
 __all__ = ["CandidateDecoder", "LabelMap", "DetectionCandidates", "SegmentationLabels", "in_graph_wrapper",
-           "select_detections", "detections_to_results", "label_maps_to_results", "FLOAT_MODULES",
+           "select_detections", "detections_to_results", "label_maps_to_results", "FLOAT_MODULES", "from_modules",
+           "type_name",
            "DETECTION_OUTPUTS", "CANDIDATE_OUTPUTS", "SEGMENTATION_OUTPUTS"]

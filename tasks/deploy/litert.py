@@ -7,10 +7,11 @@ outputs plus the post-processing up to NMS (decoding, softmax, per-class top-k; 
 the custom TFLite_Detection_PostProcess op, which litert-torch does not emit; the runner applies
 tasks.deploy.in_graph.select_detections (the head's rule) to the candidates.
 
-int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer), observers
-calibrated on the given images. Depending on the graph, the converter keeps a float32 input (a QUANTIZE op
-first) or makes it int8; raw outputs may come out int8 with their scale / zero point: the runner quantizes
-the input and dequantizes the outputs as the file's tensors say.
+int8: weights int8 per channel, activations int8, symmetric (litert-torch's PT2EQuantizer, plus the ReLU6s,
+adds and concatenations it misses: tasks/deploy/pt2e_quantizers.py), observers calibrated on the given images.
+Depending on the graph, the converter keeps a float32 input (a QUANTIZE op first) or makes it int8; raw
+outputs may come out int8 with their scale / zero point: the runner quantizes the input and dequantizes the
+outputs as the file's tensors say.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.deploy.in_graph import FLOAT_MODULES
+from tasks.deploy.in_graph import FLOAT_MODULES, CandidateDecoder
 from tasks.deploy.runner import DeployedModel
 
 log = logging.getLogger(__name__)
@@ -42,24 +43,45 @@ def quiet_converter():
         log.debug("litert-torch output:\n%s", buffer.getvalue())
 
 
+def tflite_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk along the last axis as LiteRT's TOPK_V2. litert-torch lowers torch.topk to a sort, which
+    the LiteRT interpreter cannot run ("Didn't find op for builtin opcode 'STABLEHLO_SORT'") unless k is the
+    whole axis; its own tfl.topk_v2 op lowers to TOPK_V2."""
+    values, index = torch.ops.tfl.topk_v2(x, k)
+    return values, index.long()
+
+
+@contextlib.contextmanager
+def tflite_ops(graph: nn.Module):
+    """`graph`'s candidate decoders use tflite_topk while it converts."""
+    from litert_torch.backend.experimental import torch_tfl  # noqa: F401 - registers torch.ops.tfl
+
+    decoders = [m for m in graph.modules() if isinstance(m, CandidateDecoder)]
+    previous = [m.topk for m in decoders]
+    for decoder in decoders:
+        decoder.topk = tflite_topk
+    try:
+        yield
+    finally:
+        for decoder, topk in zip(decoders, previous):
+            decoder.topk = topk
+
+
 def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precision: str = "fp32",
                    calibration: Sequence[torch.Tensor] = ()) -> Path:
     """`graph` (batch-1 example) -> a .tflite file at `path`."""
     import litert_torch
 
     args = (example,)
-    with quiet_converter():
+    with quiet_converter(), tflite_ops(graph):
         if precision == "int8":
-            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
             from torchao.quantization.pt2e import move_exported_model_to_eval
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-            quantizer = PT2EQuantizer().set_global(config)
-            for module_type in FLOAT_MODULES:  # the post-processing stays float32; this quantizer compares
-                # the type names torch.export records, not classes
-                quantizer.set_module_type(f"{module_type.__module__}.{module_type.__qualname__}", None)
+            from tasks.deploy.pt2e_quantizers import litert_quantizer
+
+            quantizer = litert_quantizer(FLOAT_MODULES)  # the post-processing stays float32
             prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
             with torch.no_grad():
                 for image in calibration:
