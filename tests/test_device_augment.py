@@ -167,6 +167,22 @@ def test_parameter_streams_follow_the_sample_seeds(shared_data):
     assert not torch.equal(first, epoch_params(0, 1))
 
 
+def test_worker_loader_keeps_the_parents_opencv_threads(shared_data):
+    """Workers fork while the parent's OpenCV pool is closed (a live one hung them in cv2.setNumThreads); the
+    parent gets its thread count back, and the batches are the in-process loader's."""
+    dataset = coco128(shared_data, device_augment=True).dataset
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        cv2.resize(np.zeros((1000, 1000, 3), np.uint8), (100, 100), interpolation=cv2.INTER_AREA)  # pool running
+        batches = [next(iter(build_loader(dataset, 4, train=True, num_workers=w, seed=3)))[0] for w in (1, 0)]
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(threads)
+    assert torch.equal(batches[0].params, batches[1].params)
+    assert all(torch.equal(a, b) for a, b in zip(batches[0].pixels, batches[1].pixels, strict=True))
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="training transforms only"):
         build_detection_transforms(160, train=False, device_augment=True)

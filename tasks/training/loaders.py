@@ -133,13 +133,29 @@ def seed_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+class ForkSafeLoader(DataLoader):
+    """A DataLoader whose workers do not inherit a running OpenCV thread pool. A worker forked while the parent's
+    pool exists hangs for good in seed_worker's cv2.setNumThreads (seen as a stuck `make bench` data run after
+    in-process loading): the parent's pool is therefore closed while the workers start, and reopened after."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super()._get_iterator()  # forks the workers
+        finally:
+            cv2.setNumThreads(threads)
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
     wrapped = PerSampleSeeds(dataset, seed)
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, drop_uneven=train)
-    return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=train, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
+    return ForkSafeLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                          collate_fn=collate, drop_last=train, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                          persistent_workers=False)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
