@@ -245,7 +245,9 @@ def format_table(results: dict[str, Any]) -> str:
         for row in results["metrics"]:
             value = f"{row['value']:.4f}" if row["value"] is not None else "-"
             change = f"{row['change']:+.4f}" if row["change"] is not None else "-"
-            lines.append(f"{Path(row['checkpoint']).name:<40} {row['path']:<26} {row['metric']:>8} {value:>8} "
+            checkpoint = Path(row["checkpoint"])  # with its folder: every run names its checkpoint best.ckpt
+            name = f"{checkpoint.parent.name}/{checkpoint.name}"
+            lines.append(f"{name:<40} {row['path']:<26} {row['metric']:>8} {value:>8} "
                          f"{change:>8}  {row['error'] or ''}")
     return "\n".join(lines)
 
