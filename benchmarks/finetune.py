@@ -224,10 +224,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.coco / "annotations" / "instances_train2017.json").is_file():
         sys.exit(f"--coco {args.coco} holds no annotations/instances_train2017.json; expected coco128's layout.")
+    started = environment()  # its loadavg_start is the load before the runs
     with tempfile.TemporaryDirectory(prefix="mv_finetune_") as scratch:
         result = run(args.coco, args.classes, 2 if args.quick else args.epochs, args.threads, args.workers,
                      args.seed, Path(scratch), args.init_from, args.fp32_too)
-    result["environment"] = environment() | {"loadavg_end": list(os.getloadavg())}
+    result["environment"] = started | {"loadavg_end": list(os.getloadavg())}
     for row in result["rows"]:
         row.pop("predict", None)
     print(table(result))
