@@ -23,3 +23,14 @@ TINY = {  # experiment, dataset, writer kind, extra overrides (few SSDLite maps:
     "detection": ("demo_ssdlite_shapes", "shapes_det", "coco", ["head.extra_depths=[32,32]"]),
     "segmentation": ("demo_deeplabv3_shapes", "shapes_seg", "voc", []),
 }
+
+
+def assert_same_detections(expected, got) -> None:
+    """Deployed detections equal the PyTorch head's: same labels, scores within 1e-4, boxes within 1e-3 px."""
+    import torch
+
+    assert sum(len(e["scores"]) for e in expected) > 0
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(g["labels"], e["labels"])
+        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, assert_same_detections
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -98,11 +98,7 @@ def test_detection_after_nms_is_the_same_in_both_runtimes(artifacts):
     with torch.no_grad():
         expected = model.predict(model(x), sizes)
     got = runner.predict(runner(x), sizes)
-    assert sum(len(p["scores"]) for p in expected) > 0
-    for e, g in zip(expected, got):
-        assert torch.equal(g["labels"], e["labels"])
-        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)
+    assert_same_detections(expected, got)
 
 
 def test_segmentation_decode_equals_the_heads_predict(artifacts):

@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import assert_same_detections
 from onnx import TensorProto, helper
 
 from heads.ssdlite.box_coder import BoxCoder
@@ -116,11 +117,7 @@ def test_onnx_detections_in_graph_equal_the_pytorch_heads(artifacts, in_graph_ex
     with torch.no_grad():
         expected = model.predict(model(x), sizes)
     got = runner.predict(runner(x), sizes)
-    assert sum(len(e["scores"]) for e in expected) > 0
-    for e, g in zip(expected, got):
-        assert torch.equal(g["labels"], e["labels"])
-        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)
+    assert_same_detections(expected, got)
 
 
 def test_onnx_label_map_in_graph_equals_the_pytorch_heads(artifacts, in_graph_exports):
