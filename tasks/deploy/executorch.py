@@ -36,17 +36,10 @@ def convert_executorch(graph: nn.Module, example: torch.Tensor, path: Path, prec
 
     args = (example,)
     if precision == "int8":
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from tasks.deploy.pt2e_quantizers import quantize_pt2e, xnnpack_quantizer
 
-        from tasks.deploy.pt2e_quantizers import xnnpack_quantizer
-
-        quantizer = xnnpack_quantizer(FLOAT_MODULES)  # the post-processing stays float32
-        prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
-        with torch.no_grad():
-            for image in calibration:
-                prepared(image[None] if image.dim() == 3 else image)
-        graph = move_exported_model_to_eval(convert_pt2e(prepared))
+        # the post-processing stays float32
+        graph = quantize_pt2e(graph, args, xnnpack_quantizer(FLOAT_MODULES), calibration)
     program = torch.export.export(graph, args)
     partitioner = XnnpackPartitioner(configs=int8_partitioner_configs() if precision == "int8" else None)
     lowered = to_edge_transform_and_lower(program, partitioner=[partitioner]).to_executorch()

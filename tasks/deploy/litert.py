@@ -76,17 +76,11 @@ def convert_litert(graph: nn.Module, example: torch.Tensor, path: Path, precisio
     with quiet_converter(), tflite_ops(graph):
         if precision == "int8":
             from litert_torch.quantize.quant_config import QuantConfig
-            from torchao.quantization.pt2e import move_exported_model_to_eval
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            from tasks.deploy.pt2e_quantizers import litert_quantizer
+            from tasks.deploy.pt2e_quantizers import litert_quantizer, quantize_pt2e
 
             quantizer = litert_quantizer(FLOAT_MODULES)  # the post-processing stays float32
-            prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
-            with torch.no_grad():
-                for image in calibration:
-                    prepared(image[None] if image.dim() == 3 else image)
-            quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
+            quantized = quantize_pt2e(graph, args, quantizer, calibration, fold_quantize=False)
             edge = litert_torch.convert(quantized, args, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         else:
             edge = litert_torch.convert(graph, args)

@@ -148,5 +148,19 @@ def xnnpack_quantizer(float_modules: Iterable[type] = ()):
     return quantizer
 
 
+def quantize_pt2e(graph: torch.nn.Module, args: tuple, quantizer, calibration: Iterable[torch.Tensor],
+                  fold_quantize: bool = True) -> torch.nn.Module:
+    """PT2E post-training quantization: export `graph`, observe it on the calibration images (CHW or NCHW),
+    convert, and return the quantized module in eval mode (shared by the LiteRT and ExecuTorch paths)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(torch.export.export(graph, args).module(), quantizer)
+    with torch.no_grad():
+        for image in calibration:
+            prepared(image[None] if image.dim() == 3 else image)
+    return move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=fold_quantize))
+
+
 __all__ = ["annotate_adds_and_concatenations", "annotate_conv_relu6", "image_dependent_nodes", "litert_quantizer",
-           "xnnpack_quantizer"]
+           "quantize_pt2e", "xnnpack_quantizer"]
