@@ -97,22 +97,29 @@ def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
         kept_scores = F.softmax(logits[b, rows], dim=-1)[:, 1:].contiguous()  # [R, K]
         above = kept_scores > score_threshold
         num_above = int(torch.count_nonzero(above))
-        # candidates under the per-class top-k rule, then the cap
-        if num_above > topk_candidates:
-            total = int(torch.count_nonzero(above, dim=0).clamp(max=topk_candidates).sum())
-        else:
+
+        def candidate_total() -> int:  # candidates under the per-class top-k rule, then the cap
             total = num_above
-        if nms_pre:
-            total = min(total, nms_pre)
+            if num_above > topk_candidates:
+                total = int(torch.count_nonzero(above, dim=0).clamp(max=topk_candidates).sum())
+            return min(total, nms_pre) if nms_pre else total
+
+        # The total is at least min(num_above, topk_candidates, nms_pre) (one class past the top-k alone gives
+        # topk_candidates), so the usual first prefix needs no per-class count; it is counted when NMS asks for more.
+        first = _FIRST_PREFIX * detections_per_image
+        total = None if first <= min(num_above, topk_candidates, nms_pre or num_above) else candidate_total()
+        count = first if total is None else min(total, first)
         size = image_scale[b]
-        count = min(total, _FIRST_PREFIX * detections_per_image)
         while True:
             values, anchor, labels = _ranked_candidates(kept_scores, rows, above, num_above, score_threshold,
                                                         topk_candidates, count)
             boxes = box_coder.decode(bbox_regression[b, anchor].float(), anchors[anchor]) * size
             boxes = torch.minimum(boxes.clamp(min=0), size)
             kept = batched_nms(boxes, values, labels, nms_iou_threshold)
-            if len(kept) >= detections_per_image or count >= total:
+            if len(kept) >= detections_per_image:
+                break
+            total = candidate_total() if total is None else total
+            if count >= total:
                 break
             count = min(total, count * _GROWTH)
         kept = kept[:detections_per_image]
