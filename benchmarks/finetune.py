@@ -3,6 +3,7 @@
     python -m benchmarks.finetune                       # coco128 person/car/dog in VOC layout, 60 epochs, scratch
     python -m benchmarks.finetune --epochs 120 --init-from det.ckpt   # + ours from a checkpoint stand-in
     python -m benchmarks.finetune --fp32-too            # + ours with amp=null (the recipe's amp=auto: bf16 if native)
+    python -m benchmarks.finetune --variant 'progressive_resize=null'   # + ours with other overrides
     python -m benchmarks.finetune --quick               # 2 epochs: checks that everything runs
 
 Data: the coco128 photos (../shared/data/coco128) holding any of --classes, written in VOC layout with a
@@ -159,7 +160,8 @@ def train_reference(train: VOCDetection, epochs: int, workers: int, seed: int, b
 
 # -- the run ----------------------------------------------------------------------------------------------
 def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, workers: int, seed: int, workdir: Path,
-        init_from: str | None, fp32_too: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        init_from: str | None, fp32_too: bool = False, variants: Sequence[str] = (),
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.set_num_threads(threads)
     data = workdir / "voc_subset"
     sizes = write_voc_subset(coco_root, data, list(classes), seed=seed)
@@ -180,6 +182,11 @@ def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, work
         contenders.append(("ours, amp=null (fp32 training), scratch",
                            lambda: train_ours(data, epochs, workdir / "ours_fp32", threads,
                                               ["backbone.pretrained=null", "amp=null", *common])))
+    for number, variant in enumerate(variants):
+        contenders.append((f"ours, {variant}, scratch",
+                           lambda number=number, variant=variant: train_ours(
+                               data, epochs, workdir / f"ours_variant{number}", threads,
+                               ["backbone.pretrained=null", *variant.split(), *common])))
     if init_from:
         contenders.append((f"ours, init_from={init_from}",
                            lambda: train_ours(data, epochs, workdir / "ours_init", threads,
@@ -219,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init-from", default=None, help="also train ours from this checkpoint (a stand-in)")
     parser.add_argument("--fp32-too", action="store_true", help="also train ours with amp=null (the recipe's "
                         "amp=auto picks bf16 on CPUs that compute it natively)")
+    parser.add_argument("--variant", action="append", default=[], help="also train ours with these extra "
+                        "overrides, e.g. --variant 'progressive_resize=null' (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 epochs: checks that everything runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -227,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = environment()  # its loadavg_start is the load before the runs
     with tempfile.TemporaryDirectory(prefix="mv_finetune_") as scratch:
         result = run(args.coco, args.classes, 2 if args.quick else args.epochs, args.threads, args.workers,
-                     args.seed, Path(scratch), args.init_from, args.fp32_too)
+                     args.seed, Path(scratch), args.init_from, args.fp32_too, args.variant)
     result["environment"] = started | {"loadavg_end": list(os.getloadavg())}
     for row in result["rows"]:
         row.pop("predict", None)
