@@ -24,7 +24,6 @@ from tasks.training.loggers import build_loggers
 from tasks.training.model import build_model
 from tasks.training.optim import build_optimizer, scheduler_from_config
 from tasks.training.precision import resolve_amp
-from tasks.training.progressive import progressive_resize_from_config
 from tasks.training.rng import seed_everything
 from tasks.training.run_guard import check_resumable, interrupted_sentence, refuse_existing_checkpoints, run_lock
 from tasks.training.scaling import scaled_lr, use_sync_bn
@@ -66,8 +65,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
 
 
 def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, float]:
-    progressive = progressive_resize_from_config(OmegaConf.to_container(cfg.progressive_resize)
-                                                 if cfg.get("progressive_resize") is not None else None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
@@ -111,12 +108,6 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
     config = OmegaConf.to_container(cfg, resolve=True)
     loggers = build_loggers(cfg.get("logger"), run_dir, config) if dist.is_main() and "logger" in cfg else None
 
-    if progressive is not None and dist.is_main():
-        side = cfg.dataset.input_size
-        size = (int(side), int(side)) if isinstance(side, int) else tuple(int(v) for v in side)
-        log.info("progressive_resize: the first epoch trains at %dx%d, every epoch from %d on at %dx%d (mean image "
-                 "area %.2f of the full size's)", *progressive.size(0, cfg.epochs, size),
-                 progressive.full_from(cfg.epochs) + 1, *size, progressive.mean_area(cfg.epochs, size))
     amp, why = resolve_amp(cfg.amp, device)
     if dist.is_main() and cfg.amp == "auto":
         log.info("%s: training autocasts to %s (evaluation stays fp32)", why, amp or "nothing")
@@ -126,8 +117,7 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
                                   channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
                                   check_sync_every=cfg.check_sync_every,
-                                  max_bad_samples=cfg.max_bad_samples, report=cfg.report,
-                                  progressive_resize=progressive),
+                                  max_bad_samples=cfg.max_bad_samples, report=cfg.report),
                     device, config=config, loggers=loggers, artifact=artifact_of_dataset(cfg, train_set))
     if cfg.resume:
         path = Path(run_dir) / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))

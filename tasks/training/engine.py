@@ -29,7 +29,6 @@ from tasks.training.checkpoint import load_checkpoint, save_checkpoint
 from tasks.training.ema import warmup_ema_multi_avg_fn
 from tasks.training.evaluation import AMP_DTYPES, evaluate, to_device, unwrap
 from tasks.training.loaders import set_loader_epoch
-from tasks.training.progressive import ProgressiveResize, resize_batch
 from tasks.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,6 @@ class EngineOptions:
     check_sync_every: int = 0            # DDP: compare the ranks' weights bit for bit every N steps
     max_bad_samples: int = 10            # unreadable files skipped (with a warning) before the run stops
     report: bool = True                  # per-class tables, PR curves, confusion matrix, worst images per evaluation
-    progressive_resize: ProgressiveResize | None = None  # smaller images in the early epochs (progressive.py)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -218,7 +216,6 @@ class Engine:
         set_loader_epoch(self.train_loader, self.epoch, self.batch_in_epoch)
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        size = None
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.options.epochs}",
                    disable=not (self.options.progress and dist.is_main()), dynamic_ncols=True, leave=False)
         for images, targets in bar:
@@ -227,13 +224,6 @@ class Engine:
                 images = self.train_loader.dataset.transforms.device_augment(images)
             elif images.dtype == torch.uint8:  # transforms with normalize=false: normalised on the device
                 images = self.train_loader.dataset.transforms.device_normalize(images)
-            if self.options.progressive_resize is not None:
-                if size is None:
-                    size = self.options.progressive_resize.size(self.epoch, self.options.epochs,
-                                                                tuple(images.shape[-2:]))
-                    if dist.is_main() and size != tuple(images.shape[-2:]):
-                        log.info("epoch %d trains at %dx%d (progressive_resize)", self.epoch + 1, *size)
-                images = resize_batch(images, size)
             if self.options.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             self._count_skipped(targets)

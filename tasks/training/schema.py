@@ -27,7 +27,6 @@ class TrainSchema:
     amp: str | None = None
     channels_last: bool = True
     compile: bool = False
-    progressive_resize: Any = None   # null or {start_scale, full_at, multiple} (tasks/training/progressive.py)
     ema_decay: float | None = None
     sync_bn: Any = "auto"             # true, false or "auto" (on when the per-process batch is small)
     checkpoint_every_steps: int = 0
