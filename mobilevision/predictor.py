@@ -49,7 +49,8 @@ class Result:
 
     def to_coco(self, image_id: int | str | None = None) -> list[dict[str, Any]]:
         """Detection: COCO result dicts (bbox [x, y, w, h] pixels, category_id through the dataset's ids)."""
-        from tasks.predict import Frame, coco_results
+        from tasks.inference.inputs import Frame
+        from tasks.inference.results import coco_results
 
         if self.task != "detection":
             raise ValueError("to_coco() is for detection results; a segmentation result has mask_image().")

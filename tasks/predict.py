@@ -34,7 +34,8 @@ from tasks.analysis.visualize import draw_detections, draw_mask
 from tasks.cli import CONFIG_DIR, run
 from tasks.deploy.sidecar import write_json
 from tasks.errors import ConfigError, user_errors_exit
-from tasks.inference.inputs import Frame, batches, iter_inputs
+from tasks.inference.inputs import batches, iter_inputs
+from tasks.inference.results import coco_results
 from tasks.inference.runtime import Preprocessor, decode, forward, load_runtime, val_transforms_config
 from tasks.segmentation.palette import save_label_png
 
@@ -65,25 +66,6 @@ def check_output_dir(out_dir: Path, inputs: Sequence[str | Path]) -> None:
     except OSError as err:
         raise ConfigError(f"output_dir={out_dir} cannot be written ({err.strerror or type(err).__name__}); "
                           f"expected a folder you can write to.") from None
-
-
-def coco_results(frame: Frame, result: dict[str, torch.Tensor], class_names: Sequence[str],
-                 label_to_cat_id: Sequence[int] | None) -> list[dict[str, Any]]:
-    # COCO file names are the image id (000000000139.jpg -> 139); anything else keeps its name.
-    image_id: int | str = int(frame.name) if frame.name.isdigit() else frame.name
-    entries = []
-    for box, score, label in zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()):
-        x1, y1, x2, y2 = box
-        entries.append({
-            "image_id": image_id,
-            "file_name": frame.source,
-            "category_id": int(label_to_cat_id[label]) if label_to_cat_id else int(label) + 1,
-            "label": int(label),
-            "category_name": class_names[label] if label < len(class_names) else str(label),
-            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-            "score": round(float(score), 6),
-        })
-    return entries
 
 
 def predict(checkpoint: str | None, inputs: Sequence[str | Path], out_dir: str | Path, runtime: str = "pytorch",
