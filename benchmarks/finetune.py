@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.coco_subset import write_voc_subset
+from benchmarks.macs import ours_detection_gmacs, torchvision_ssdlite_gmacs
 from benchmarks.run import environment
 from tasks.detection.voc import VOCDetection
 from tasks.detection.voc_eval import VOCEvaluator
@@ -198,11 +199,13 @@ def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, work
         rows.append({"contender": name, **trained, **metrics})
         log(f"  {trained['seconds']:.0f} s, AP50 {metrics['AP50']:.4f}, AP50:95 {metrics['AP50:95']:.4f}")
     peer, ours = rows[0], rows[1]
+    # what each network costs per 320-px image: the time ratio over the MACs ratio is the per-MAC efficiency
+    macs = {"ours": ours_detection_gmacs(len(classes)), "torchvision": torchvision_ssdlite_gmacs(len(classes))}
     ratios = {"AP50": ours["AP50"] / peer["AP50"] if peer["AP50"] > 0 else float("inf"),
               "AP50:95": ours["AP50:95"] / peer["AP50:95"] if peer["AP50:95"] > 0 else float("inf"),
-              "time": ours["seconds"] / peer["seconds"]}
+              "time": ours["seconds"] / peer["seconds"], "gmacs": macs["ours"] / macs["torchvision"]}
     return {"data": {"classes": list(classes), **sizes}, "epochs": epochs, "threads": threads, "workers": workers,
-            "rows": rows, "ours_over_torchvision": ratios}
+            "gmacs_per_image": macs, "rows": rows, "ours_over_torchvision": ratios}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -212,6 +215,9 @@ def table(result: dict[str, Any]) -> str:
     ratio = result["ours_over_torchvision"]
     lines.append(f"\nours / torchvision's (scratch): AP50 {ratio['AP50']:.2f}x, AP50:95 {ratio['AP50:95']:.2f}x, "
                  f"time {ratio['time']:.2f}x  (bar: >= 1.25x AP in <= 0.75x time)")
+    macs = result["gmacs_per_image"]
+    lines.append(f"network GMACs per 320-px image: ours {macs['ours']:.3f}, torchvision's {macs['torchvision']:.3f} "
+                 f"({ratio['gmacs']:.2f}x): ours trains {ratio['gmacs'] / ratio['time']:.2f}x the MACs per second")
     return "\n".join(lines)
 
 
