@@ -73,6 +73,17 @@ class PlannedBatch:
         return len(self.pixels)
 
 
+def pad_to_largest(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[H_i, W_i, ...] tensors (one device, one dtype) -> [B, max H, max W, ...], each at the top-left, zeros
+    elsewhere."""
+    first = tensors[0]
+    padded = first.new_zeros(len(tensors), max(t.shape[0] for t in tensors), max(t.shape[1] for t in tensors),
+                             *first.shape[2:])
+    for i, t in enumerate(tensors):
+        padded[i, :t.shape[0], :t.shape[1]] = t
+    return padded
+
+
 class DeviceAugment:
     """PlannedBatch (on any device) -> float32 normalised [B, 3, size, size] on that device."""
 
@@ -90,12 +101,7 @@ class DeviceAugment:
             if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[2] != 3:
                 raise ValueError(f"planned images must be uint8 [H, W, 3]; got {pixels.dtype} {tuple(pixels.shape)}.")
         sizes = [(int(p.shape[0]), int(p.shape[1])) for p in batch.pixels]
-        device = batch.pixels[0].device
-        padded = torch.zeros(len(sizes), max(h for h, _ in sizes), max(w for _, w in sizes), 3, dtype=torch.uint8,
-                             device=device)
-        for i, pixels in enumerate(batch.pixels):
-            padded[i, :pixels.shape[0], :pixels.shape[1]] = pixels
-        images = padded.permute(0, 3, 1, 2)
+        images = pad_to_largest(batch.pixels).permute(0, 3, 1, 2)
         params = [dict(zip(PARAMS, values, strict=True)) for values in batch.params.tolist()]
         factors = {name: [p[name] for p in params] for name in ("brightness", "contrast", "saturation", "hue")}
         images = photometric(images, factors, [h * w for h, w in sizes])
@@ -112,4 +118,4 @@ class DeviceAugment:
         return f"DeviceAugment(size={self.size}, normalize={self.normalize!r})"
 
 
-__all__ = ["DeviceAugment", "PARAMS", "PlannedBatch", "PlannedImage"]
+__all__ = ["DeviceAugment", "PARAMS", "PlannedBatch", "PlannedImage", "pad_to_largest"]

@@ -43,7 +43,8 @@ def axis_taps(positions: torch.Tensor, sources: Sequence[int], scaled: Sequence[
     n, m = _column(sources, device), _column(scaled, device)
     valid = (positions >= 0) & (positions < m[:, None])
     q = torch.where(valid, positions, 0.0)
-    left, right, w_left, w_right = linear_taps(q, n, m, torch.zeros_like(n, dtype=torch.bool), clamp_weights=not vertical)
+    no_fallback = torch.zeros_like(n, dtype=torch.bool)
+    left, right, w_left, w_right = linear_taps(q, n, m, no_fallback, clamp_weights=not vertical)
     # cv::resize INTER_NEAREST: inv_scale = m / n (double), source = floor(q * (1 / inv_scale)), clamped
     nearest = torch.minimum(torch.floor(q * (1.0 / (m / n))[:, None]), n[:, None] - 1)
     return AxisTaps(left.to(torch.int64), right.to(torch.int64), (w_left * RESIZE_COEF_SCALE).to(torch.int32),
