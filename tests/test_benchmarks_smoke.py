@@ -180,11 +180,12 @@ def test_cli_runs_the_deploy_and_data_sections_at_tiny_sizes(tmp_path, monkeypat
     for v in data["verdicts"]:
         slower = "data loading" if v["loader_images_per_s"] < v["step_images_per_s"] else "training step"
         assert v["bottleneck"] == slower and v["bottleneck"] in printed
-    # Per core: detection in three modes and device augmentation's two sides, segmentation in two modes,
-    # each figure from its own median batch time.
+    # Per core: detection in three modes and device augmentation's two sides, segmentation in two modes and
+    # device augmentation's two sides, each figure from its own median batch time.
     modes = [r["mode"] for r in data["per_core"]]
     assert modes == [dataloading.BEFORE, dataloading.OPENCV, dataloading.UINT8, dataloading.PLANNED,
-                     dataloading.PAINTED, dataloading.BEFORE, dataloading.OPENCV]
+                     dataloading.PAINTED, dataloading.BEFORE, dataloading.OPENCV, dataloading.PLANNED,
+                     dataloading.PAINTED]
     for r in data["per_core"]:
         assert r["images_per_s_per_core"] == pytest.approx(2 / (r["time_ms"]["median"] / 1e3))
         assert r["cores_for_gpu_rate"] == pytest.approx(2000 / r["images_per_s_per_core"])

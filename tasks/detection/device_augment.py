@@ -17,7 +17,7 @@ batch, not per image, so that a GPU is not held up by launching kernels.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,31 +34,54 @@ PARAMS = ("brightness", "contrast", "saturation", "hue", "canvas_h", "canvas_w",
 
 @dataclass
 class PlannedImage:
-    """What a worker hands over for one image: the decoded photo (uint8 HWC) and its parameter record."""
+    """What a worker hands over for one image: the decoded photo (uint8 HWC) and its parameter record (and,
+    for segmentation, its uint8 mask [H, W], painted on the device too)."""
 
     pixels: torch.Tensor
     params: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 @dataclass
 class PlannedBatch:
-    """A batch of PlannedImages: photos of any size, parameters [B, len(PARAMS)] (kept on the CPU)."""
+    """A batch of PlannedImages: photos of any size, parameters [B, len(PARAMS)] (kept on the CPU), and the
+    masks when the images carry them."""
 
     pixels: list[torch.Tensor]
     params: torch.Tensor
+    masks: list[torch.Tensor] | None = None
 
     @classmethod
     def collate(cls, images: Sequence[PlannedImage]) -> PlannedBatch:
-        return cls([im.pixels for im in images], torch.stack([im.params for im in images]))
+        masks = [im.mask for im in images]
+        if any(m is None for m in masks) and any(m is not None for m in masks):
+            raise ValueError("collate got planned images with and without masks; expected one kind per batch.")
+        return cls([im.pixels for im in images], torch.stack([im.params for im in images]),
+                   None if masks[0] is None else masks)
+
+    def _map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PlannedBatch:
+        return PlannedBatch([move(p) for p in self.pixels], self.params,
+                            None if self.masks is None else [move(m) for m in self.masks])
 
     def pin_memory(self) -> PlannedBatch:  # DataLoader(pin_memory=True) calls this
-        return PlannedBatch([p.pin_memory() for p in self.pixels], self.params)
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PlannedBatch:
-        return PlannedBatch([p.to(device, non_blocking=non_blocking) for p in self.pixels], self.params)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def __len__(self) -> int:
         return len(self.pixels)
+
+
+def pad_to_largest(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[H_i, W_i, ...] tensors (one device, one dtype) -> [B, max H, max W, ...], each at the top-left, zeros
+    elsewhere."""
+    first = tensors[0]
+    padded = first.new_zeros(len(tensors), max(t.shape[0] for t in tensors), max(t.shape[1] for t in tensors),
+                             *first.shape[2:])
+    for i, t in enumerate(tensors):
+        padded[i, :t.shape[0], :t.shape[1]] = t
+    return padded
 
 
 class DeviceAugment:
@@ -78,12 +101,7 @@ class DeviceAugment:
             if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[2] != 3:
                 raise ValueError(f"planned images must be uint8 [H, W, 3]; got {pixels.dtype} {tuple(pixels.shape)}.")
         sizes = [(int(p.shape[0]), int(p.shape[1])) for p in batch.pixels]
-        device = batch.pixels[0].device
-        padded = torch.zeros(len(sizes), max(h for h, _ in sizes), max(w for _, w in sizes), 3, dtype=torch.uint8,
-                             device=device)
-        for i, pixels in enumerate(batch.pixels):
-            padded[i, :pixels.shape[0], :pixels.shape[1]] = pixels
-        images = padded.permute(0, 3, 1, 2)
+        images = pad_to_largest(batch.pixels).permute(0, 3, 1, 2)
         params = [dict(zip(PARAMS, values, strict=True)) for values in batch.params.tolist()]
         factors = {name: [p[name] for p in params] for name in ("brightness", "contrast", "saturation", "hue")}
         images = photometric(images, factors, [h * w for h, w in sizes])
@@ -92,8 +110,12 @@ class DeviceAugment:
     def __call__(self, batch: PlannedBatch) -> torch.Tensor:
         return self.normalize(self.augment_uint8(batch))
 
+    def paint(self, batch: PlannedBatch, targets: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+        """What the engine calls: the images augmented; detection targets were final on the CPU already."""
+        return self(batch), targets
+
     def __repr__(self) -> str:
         return f"DeviceAugment(size={self.size}, normalize={self.normalize!r})"
 
 
-__all__ = ["DeviceAugment", "PARAMS", "PlannedBatch", "PlannedImage"]
+__all__ = ["DeviceAugment", "PARAMS", "PlannedBatch", "PlannedImage", "pad_to_largest"]

@@ -34,16 +34,27 @@ def _linear_taps(n: torch.Tensor, size: int, fallback: torch.Tensor) -> tuple[to
     source pixels and their weights (multiples of 1/2048). INTER_LINEAR (half-pixel centres), or where
     fallback[b], INTER_AREA's linear fallback; edges clamped."""
     d = torch.arange(size, dtype=torch.float64, device=n.device)[None]
-    scale, n1 = (n / size)[:, None], n[:, None]
+    return linear_taps(d, n, torch.full_like(n, float(size)), fallback)
+
+
+def linear_taps(d: torch.Tensor, n: torch.Tensor, size: torch.Tensor, fallback: torch.Tensor,
+                clamp_weights: bool = True) -> tuple[torch.Tensor, ...]:
+    """_linear_taps at given output positions d [B, S] (float64) of a resize of n[b] pixels to size[b].
+    clamp_weights=False: OpenCV's vertical axis, whose weights keep their fraction at the edges while both
+    taps are clamped to the same edge row (its two truncated products then lose up to 1 level there)."""
+    scale, n1, size1 = (n / size)[:, None], n[:, None], size[:, None]
     f = ((d + 0.5) * scale - 0.5).to(torch.float32).to(torch.float64)
     left_fallback = torch.floor(d * scale)
-    frac_fallback = (d + 1) - (left_fallback + 1) * (size / n1)
+    frac_fallback = (d + 1) - (left_fallback + 1) * (size1 / n1)
     frac_fallback = torch.where(frac_fallback <= 0, 0.0, frac_fallback - torch.floor(frac_fallback))
     left = torch.where(fallback[:, None], left_fallback, torch.floor(f))
     frac = torch.where(fallback[:, None], frac_fallback, f - torch.floor(f))
-    frac = torch.where((left < 0) | (left >= n1 - 1), 0.0, frac)
-    left = torch.minimum(left.clamp(min=0), n1 - 1)
-    right = torch.minimum(left + 1, n1 - 1)
+    if clamp_weights:
+        frac = torch.where((left < 0) | (left >= n1 - 1), 0.0, frac)
+        left = torch.minimum(left.clamp(min=0), n1 - 1)
+        right = torch.minimum(left + 1, n1 - 1)
+    else:
+        left, right = torch.minimum(left.clamp(min=0), n1 - 1), torch.minimum((left + 1).clamp(min=0), n1 - 1)
     w_right = torch.round(frac * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
     w_left = torch.round((1 - frac) * RESIZE_COEF_SCALE) / RESIZE_COEF_SCALE
     return left, right, w_left, w_right
@@ -195,4 +206,4 @@ def _resize_into(out: torch.Tensor, images: torch.Tensor, sizes: Sequence[tuple[
                                                       fill))
 
 
-__all__ = ["axis_weights", "resize_mode", "resize_weights", "zoom_crop_flip_resize"]
+__all__ = ["axis_weights", "linear_taps", "resize_mode", "resize_weights", "zoom_crop_flip_resize"]

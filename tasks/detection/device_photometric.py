@@ -119,17 +119,22 @@ JITTERS = (("brightness", adjust_brightness, 1.0), ("contrast", adjust_contrast,
            ("saturation", adjust_saturation, 1.0), ("hue", adjust_hue, 0.0))
 
 
-def photometric(images: torch.Tensor, factors: dict[str, Sequence[float]], pixels: Sequence[int]) -> torch.Tensor:
+def photometric(images: torch.Tensor, factors: dict[str, Sequence[float]], pixels: Sequence[int],
+                orders: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """The four jitters in the CPU pipeline's order, in place, each on the images whose factor is not the
-    identity (known on the host: no device sync). `pixels`: each image's own pixel count (padding aside)."""
-    for name, adjust, identity in JITTERS:
-        fired = [i for i, f in enumerate(factors[name]) if f != identity]
-        if not fired:
-            continue
-        index = torch.tensor(fired, device=images.device)
-        chosen = [factors[name][i] for i in fired]
-        extra = {"pixels": [pixels[i] for i in fired]} if name == "contrast" else {}
-        images.index_copy_(0, index, adjust(images.index_select(0, index), chosen, **extra))
+    identity (known on the host: no device sync). `pixels`: each image's own pixel count (padding aside).
+    `orders[b]`: the order in which image b's jitters run, as indices into JITTERS (ColorJitter draws one per
+    image); None: JITTERS' own order for every image."""
+    orders = [range(len(JITTERS))] * images.shape[0] if orders is None else orders
+    for position in range(len(JITTERS)):
+        for jitter, (name, adjust, identity) in enumerate(JITTERS):
+            fired = [i for i, f in enumerate(factors[name]) if f != identity and orders[i][position] == jitter]
+            if not fired:
+                continue
+            index = torch.tensor(fired, device=images.device)
+            chosen = [factors[name][i] for i in fired]
+            extra = {"pixels": [pixels[i] for i in fired]} if name == "contrast" else {}
+            images.index_copy_(0, index, adjust(images.index_select(0, index), chosen, **extra))
     return images
 
 

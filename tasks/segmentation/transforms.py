@@ -79,16 +79,7 @@ class SegmentationTransform:
             self._seeded_for = (os.getpid(), info.seed)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = np.asarray(image), np.asarray(mask)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"segmentation transforms expect an RGB uint8 image [H, W, 3]; got "
-                             f"{image.dtype} {image.shape}.")
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask of shape {mask.shape} does not match its image of shape {image.shape[:2]}.")
-        if mask.dtype != np.uint8:
-            if mask.size and (mask.min() < 0 or mask.max() > 255):
-                raise ValueError(f"mask values must be in 0..255; got {mask.min()}..{mask.max()}.")
-            mask = mask.astype(np.uint8)
+        image, mask = self._checked(image, mask)
         self._reseed_in_worker()
         original = mask
         if self.base_size is not None:
@@ -103,6 +94,21 @@ class SegmentationTransform:
         if self.keeps_original_mask:
             out["mask"] = original
         return tensor, torch.from_numpy(np.ascontiguousarray(out["mask"])).to(torch.int64)
+
+    @staticmethod
+    def _checked(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (image, mask) pair as arrays, checked; masks of another integer type as uint8."""
+        image, mask = np.asarray(image), np.asarray(mask)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"segmentation transforms expect an RGB uint8 image [H, W, 3]; got "
+                             f"{image.dtype} {image.shape}.")
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask of shape {mask.shape} does not match its image of shape {image.shape[:2]}.")
+        if mask.dtype != np.uint8:
+            if mask.size and (mask.min() < 0 or mask.max() > 255):
+                raise ValueError(f"mask values must be in 0..255; got {mask.min()}..{mask.max()}.")
+            mask = mask.astype(np.uint8)
+        return image, mask
 
     @property
     def keeps_original_mask(self) -> bool:
@@ -128,7 +134,14 @@ def build_segmentation_transforms(
     ignore_index: int = 255,
     seed: int | None = None,
     base_size: int | None = None,
+    device_augment: bool = False,
 ) -> SegmentationTransform:
+    """DeepLab's training augmentation or the evaluation padding (module docstring). `device_augment=True`
+    (training only): the photos and masks leave the workers as decoded, with their drawn augmentation
+    parameters, for the device to augment and normalise (`transform.device_augment`, device_augment.py)."""
+    if device_augment and not train:
+        raise ValueError("device_augment applies to training transforms only (train=true); evaluation "
+                         "images are padded and normalised on the CPU.")
     if crop_size < 1:
         raise ValueError(f"crop_size={crop_size} must be a positive number of pixels.")
     if base_size is not None and int(base_size) < 1:
@@ -157,6 +170,13 @@ def build_segmentation_transforms(
         steps = [pad]
         shrink = A.LongestMaxSize(max_size=crop_size, interpolation=cv2.INTER_LINEAR,
                                   mask_interpolation=cv2.INTER_NEAREST, p=1.0)
+    if device_augment:  # augment_plan builds on this module's transforms, hence the late import
+        from tasks.segmentation.augment_plan import PlannedSegmentationTransform, planned
+        from tasks.segmentation.device_augment import SegmentationDeviceAugment
+
+        compose = A.Compose([planned(step) for step in steps], mask_interpolation=cv2.INTER_NEAREST)
+        return PlannedSegmentationTransform(crop_size, compose, seed, None if base_size is None else int(base_size),
+                                            SegmentationDeviceAugment(crop_size, mean, std, ignore_index))
     steps.append(normalize)
     pipeline = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
     return SegmentationTransform(crop_size, train, pipeline, shrink, seed,

@@ -221,7 +221,7 @@ class Engine:
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
             if isinstance(images, PlannedBatch):  # transforms with device_augment=true: augmented on the device
-                images = self.train_loader.dataset.transforms.device_augment(images)
+                images, targets = self.train_loader.dataset.transforms.device_augment.paint(images, targets)
             elif images.dtype == torch.uint8:  # transforms with normalize=false: normalised on the device
                 images = self.train_loader.dataset.transforms.device_normalize(images)
             if self.options.channels_last:
