@@ -65,6 +65,14 @@ def _ranked_candidates(scores: Tensor, rows: Tensor, above: Tensor, num_above: i
     return values[:count], rows[row[keep][order]], classes[order]
 
 
+def _candidate_total(above: Tensor, num_above: int, topk_candidates: int, nms_pre: int | None) -> int:
+    """The pairs above the threshold (`above` [R, K], `num_above` of them) under the per-class top-k, then the cap."""
+    total = num_above
+    if num_above > topk_candidates:
+        total = int(torch.count_nonzero(above, dim=0).clamp(max=topk_candidates).sum())
+    return min(total, nms_pre) if nms_pre else total
+
+
 @torch.no_grad()
 def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
                 image_sizes: Sequence[tuple[int, int]], box_coder: BoxCoder, score_threshold: float,
@@ -98,16 +106,12 @@ def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
         above = kept_scores > score_threshold
         num_above = int(torch.count_nonzero(above))
 
-        def candidate_total() -> int:  # candidates under the per-class top-k rule, then the cap
-            total = num_above
-            if num_above > topk_candidates:
-                total = int(torch.count_nonzero(above, dim=0).clamp(max=topk_candidates).sum())
-            return min(total, nms_pre) if nms_pre else total
-
         # The total is at least min(num_above, topk_candidates, nms_pre) (one class past the top-k alone gives
         # topk_candidates), so the usual first prefix needs no per-class count; it is counted when NMS asks for more.
         first = _FIRST_PREFIX * detections_per_image
-        total = None if first <= min(num_above, topk_candidates, nms_pre or num_above) else candidate_total()
+        total = None
+        if first > min(num_above, topk_candidates, nms_pre or num_above):
+            total = _candidate_total(above, num_above, topk_candidates, nms_pre)
         count = first if total is None else min(total, first)
         size = image_scale[b]
         while True:
@@ -118,7 +122,8 @@ def postprocess(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor,
             kept = batched_nms(boxes, values, labels, nms_iou_threshold)
             if len(kept) >= detections_per_image:
                 break
-            total = candidate_total() if total is None else total
+            if total is None:
+                total = _candidate_total(above, num_above, topk_candidates, nms_pre)
             if count >= total:
                 break
             count = min(total, count * _GROWTH)
