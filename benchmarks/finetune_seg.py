@@ -184,8 +184,9 @@ def run(coco_root: Path, epochs: int, threads: int, workers: int, seed: int, wor
         log(f"training {name} for {epochs} epochs ... (load {load_now()[0]:.2f})")
         trained = train_fn()
         metrics = score(trained.pop("predict"), val)
-        rows.append({"contender": name, "side": side, "images_per_epoch": len(train), **trained, **metrics,
-                     "loadavg_after": load_now()})
+        train_s_per_image = trained["time_split"]["train"] / (epochs * len(train))  # data loading included
+        rows.append({"contender": name, "side": side, "images_per_epoch": len(train), **trained,
+                     "train_s_per_image": train_s_per_image, **metrics, "loadavg_after": load_now()})
         log(f"  {trained['seconds']:.0f} s, mIoU {metrics['mIoU']:.4f}, pixel acc {metrics['pixel_acc']:.4f}")
     ours = next(r for r in rows if r["side"] == "ours")
     ratios = {r["contender"]: {"mIoU": ratio(ours["mIoU"], r["mIoU"]),
@@ -197,10 +198,12 @@ def run(coco_root: Path, epochs: int, threads: int, workers: int, seed: int, wor
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| contender | train s | where the time went (s) | mIoU | pixel acc |", "|---|---|---|---|---|"]
+    lines = ["| contender | train s | where the time went (s) | train s / image | mIoU | pixel acc |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         split = ", ".join(f"{k} {v:.0f}" for k, v in r["time_split"].items() if v >= 0.5)
-        lines.append(f"| {r['contender']} | {r['seconds']:.0f} | {split} | {r['mIoU']:.4f} | {r['pixel_acc']:.4f} |")
+        lines.append(f"| {r['contender']} | {r['seconds']:.0f} | {split} | {r['train_s_per_image']:.2f} | "
+                     f"{r['mIoU']:.4f} | {r['pixel_acc']:.4f} |")
     for peer, ratios in result["ours_over_torchvision"].items():
         lines.append(f"\nours / {peer}: mIoU {ratios['mIoU']:.2f}x, pixel acc {ratios['pixel_acc']:.2f}x, "
                      f"time {ratios['time']:.2f}x  {BAR}")
@@ -226,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.epochs < 1 or args.threads < 1 or args.workers < 0:
         sys.exit(f"--epochs {args.epochs}, --threads {args.threads}, --workers {args.workers}: expected at least "
                  f"1 epoch, 1 thread and 0 workers.")
-    started = environment() | {"threads": args.threads}  # its loadavg_start is the load before the runs
+    # loadavg_start is the load before the runs. OMP_WAIT_POLICY: with OpenMP's default spinning, 2 threads on 2
+    # cores that another process also uses ran a training step ~20x slower here than with PASSIVE (README).
+    started = environment() | {"threads": args.threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     with tempfile.TemporaryDirectory(prefix="mv_finetune_seg_") as scratch:
         result = run(args.coco, 1 if args.quick else args.epochs, args.threads, args.workers, args.seed,
                      Path(scratch), args.peer or [PEERS[0]], args.fp32_too, args.quick)
