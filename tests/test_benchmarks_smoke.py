@@ -362,3 +362,29 @@ def test_finetune_seg_benchmark_trains_both_recipes_on_real_photos(shared_data, 
     for cls, crowd, region in covers:
         alone = (region == 1) & (count == 1)
         assert alone.sum() > 0 and (written[alone] == (255 if crowd else cls)).all()
+
+
+def test_time_split_books_each_interval_under_the_event_that_ends_it():
+    import datetime
+
+    from benchmarks.own_data import time_split
+
+    def stamp(seconds: float) -> str:
+        return f"2026-01-01 00:00:{seconds:06.3f}".replace(".", ",")
+
+    log = "\n".join(f"[{stamp(t)}][{name}][INFO] - {text}" for t, name, text in [
+        (2.0, "__main__", "learning rate 0.0005 (...)"),
+        (3.5, "__main__", "amp=auto: ..."),
+        (13.5, "tasks.training.engine", "epoch 1: loss=2.4, images_per_s=1.0"),
+        (23.0, "tasks.training.engine", "epoch 2: loss=2.1, images_per_s=1.1"),
+        (27.0, "tasks.training.engine", "epoch 2 val: mIoU=0.0100"),
+        (28.5, "tasks.training.engine", "evaluation report: /tmp/x/report.html"),
+        (29.0, "__main__", "checkpoints and logs in /tmp/x"),
+    ]) + "\nfinal metrics: mIoU=0.0100\n"
+    launched = datetime.datetime(2026, 1, 1).timestamp() + 0.5
+    split = time_split(log, launched, launched + 30.0)
+    # start-up to the line before the first epoch ends (3.5 - 0.5), epochs 10 + 9.5, evaluation 4, report 1.5,
+    # the rest (the last log line is no event) to exit: 30.5 - 28.5.
+    assert split == pytest.approx({"startup": 3.0, "train": 19.5, "evaluate": 4.0, "report": 1.5, "finish": 2.0})
+    assert sum(split.values()) == pytest.approx(30.0)
+    assert time_split("no log lines", launched, launched + 7.0)["startup"] == pytest.approx(7.0)
