@@ -184,7 +184,8 @@ def run(coco_root: Path, epochs: int, threads: int, workers: int, seed: int, wor
         log(f"training {name} for {epochs} epochs ... (load {load_now()[0]:.2f})")
         trained = train_fn()
         metrics = score(trained.pop("predict"), val)
-        train_s_per_image = trained["time_split"]["train"] / (epochs * len(train))  # data loading included
+        # per photo of the training set and epoch, data loading included
+        train_s_per_image = trained["time_split"]["train"] / (epochs * len(train))
         rows.append({"contender": name, "side": side, "images_per_epoch": len(train), **trained,
                      "train_s_per_image": train_s_per_image, **metrics, "loadavg_after": load_now()})
         log(f"  {trained['seconds']:.0f} s, mIoU {metrics['mIoU']:.4f}, pixel acc {metrics['pixel_acc']:.4f}")

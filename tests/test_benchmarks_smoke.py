@@ -315,8 +315,12 @@ def test_finetune_seg_benchmark_trains_both_recipes_on_real_photos(shared_data, 
     from benchmarks.coco_seg_subset import write_voc_segmentation
 
     out = tmp_path / "finetune_seg.json"
-    finetune_seg.main(["--coco", str(shared_data / "coco128"), "--quick", "--threads", "1", "--workers", "0",
-                       "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        finetune_seg.main(["--coco", str(shared_data / "coco128"), "--quick", "--threads", "1", "--workers", "0",
+                           "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     data = result["data"]
     assert (data["train"], data["val"], data["trained_on"], len(data["class_names"])) == (100, 28, 16, 11)
