@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,13 +39,12 @@ import torch
 
 from benchmarks.coco_subset import write_voc_subset
 from benchmarks.macs import ours_detection_gmacs, torchvision_ssdlite_gmacs
+from benchmarks.own_data import ROOT, SHARED_COCO, train_with_tasks
 from benchmarks.run import environment
 from tasks.detection.voc import VOCDetection
 from tasks.detection.voc_eval import VOCEvaluator
 from tasks.images import load_rgb
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_COCO = ROOT.parent / "shared" / "data" / "coco128"
 DEFAULT_OUT = ROOT / "outputs" / "bench" / "finetune.json"
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # image -> boxes px, scores, labels
 
@@ -64,23 +62,16 @@ def score(predict: Predict, val: VOCDetection) -> dict[str, float]:
 
 # -- ours -------------------------------------------------------------------------------------------------
 def train_ours(root: Path, epochs: int, run_dir: Path, threads: int, overrides: Sequence[str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "tasks.train", "experiment=ssdlite_finetune", f"dataset.root={root}",
-               f"epochs={epochs}", f"threads={threads}", "progress=false", f"hydra.run.dir={run_dir}", *overrides]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"our training failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
-    checkpoint = next(run_dir.rglob("last.ckpt"))
+    trained = train_with_tasks("ssdlite_finetune", root, epochs, run_dir, threads, overrides)
     import mobilevision
 
-    predictor = mobilevision.load(checkpoint, threads=threads)
+    predictor = mobilevision.load(trained.pop("checkpoint"), threads=threads)
 
     def predict(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         result = predictor.predict(image)
         return result.boxes, result.scores, result.labels
 
-    return {"seconds": seconds, "command": " ".join(command[1:]), "predict": predict}
+    return {**trained, "predict": predict}
 
 
 # -- torchvision's reference recipe ---------------------------------------------------------------------

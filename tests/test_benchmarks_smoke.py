@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package; `python -m pytest` finds it anyway
@@ -253,3 +254,146 @@ def test_finetune_benchmark_trains_both_recipes_on_real_photos(shared_data, tmp_
     macs = result["gmacs_per_image"]
     assert macs["ours"] > macs["torchvision"] > 0
     assert result["ours_over_torchvision"]["gmacs"] == pytest.approx(macs["ours"] / macs["torchvision"])
+
+
+def _tiny_coco(root: Path, images: list[tuple[int, int]], annotations: list[dict], categories: list[str]) -> None:
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    for index, (width, height) in enumerate(images, 1):
+        Image.new("RGB", (width, height), (90, 120, 150)).save(root / "train2017" / f"{index:012d}.jpg")
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h}
+                   for i, (w, h) in enumerate(images, 1)],
+        "annotations": [{"id": i, "bbox": [0, 0, 1, 1], **a} for i, a in enumerate(annotations, 1)],
+        "categories": [{"id": i, "name": n} for i, n in enumerate(categories, 1)]}))
+
+
+def _square(x: int, y: int, size: int) -> list[list[int]]:
+    return [[x, y, x + size, y, x + size, y + size, x, y + size]]
+
+
+def test_coco_seg_subset_paints_smaller_instances_last_and_crops_to_4x3(tmp_path):
+    """Hand-built COCO json: a 640x480 photo (no crop) where a small 'cup' lies on a large 'table', a crowd
+    'table' region and a 'sock' (the least-area category, left out: background); and a 480x640 portrait
+    whose middle 480x360 band is kept."""
+    from benchmarks.coco_seg_subset import crop_box, write_voc_segmentation
+
+    assert crop_box(640, 480) == (0, 0, 640, 480) and crop_box(480, 640) == (0, 140, 480, 500)
+    assert crop_box(640, 427) == (35, 0, 604, 427)  # 427 * 4 / 3 = 569.3 -> 569 wide; (640 - 569) // 2 = 35
+    anns = [
+        {"image_id": 1, "category_id": 1, "segmentation": _square(0, 0, 400), "area": 160000, "iscrowd": 0},
+        {"image_id": 1, "category_id": 2, "segmentation": _square(100, 100, 100), "area": 10000, "iscrowd": 0},
+        {"image_id": 1, "category_id": 1, "segmentation": _square(500, 300, 100), "area": 10000, "iscrowd": 1},
+        {"image_id": 1, "category_id": 3, "segmentation": _square(440, 0, 40), "area": 1600, "iscrowd": 0},
+        {"image_id": 2, "category_id": 2, "segmentation": _square(0, 0, 480), "area": 230400, "iscrowd": 0},
+        {"image_id": 2, "category_id": 1, "segmentation": [[0, 400, 480, 400, 480, 640, 0, 640]], "area": 115200,
+         "iscrowd": 0},
+    ]
+    _tiny_coco(tmp_path / "coco", [(640, 480), (480, 640)], anns, ["table", "cup", "sock"])
+    out = tmp_path / "seg"
+    written = write_voc_segmentation(tmp_path / "coco", out, num_objects=2, num_val=1, seed=0)
+    # table: 160000 + 115200 px (the crowd region does not count), cup: 10000 + 230400, sock: 1600.
+    assert written == {"class_names": ["background", "table", "cup"], "val": 1, "train": 1}
+    assert (out / "labels.txt").read_text().split() == ["background", "table", "cup"]
+    assert sorted((out / "ImageSets" / "Segmentation" / f"{s}.txt").read_text().split()[0]
+                  for s in ("train", "val")) == ["000000000001", "000000000002"]
+    first = np.array(Image.open(out / "SegmentationClass" / "000000000001.png"))
+    assert first.shape == (360, 480) and Image.open(out / "JPEGImages" / "000000000001.jpg").size == (480, 360)
+    # 640x480 -> 480x360 is x 0.75: table [0, 300), cup [75, 150), crowd [375, 450) x [225, 300), sock ignored.
+    assert (first[:300, :300][first[:300, :300] != 2] == 1).all() and (first[80:145, 80:145] == 2).all()
+    assert (first[230:295, 380:445] == 255).all()
+    assert first[:30, 335:355].max() == 0 and first[310:, 310:].max() == 0
+    assert set(np.unique(first)) == {0, 1, 2, 255}
+    # Portrait: rows 140..500 kept; the cup (rows 0..480) is the larger instance, painted first; the table
+    # (rows 400..640) drawn over it: crop rows 0..260 cup, 260..360 table.
+    second = np.array(Image.open(out / "SegmentationClass" / "000000000002.png"))
+    assert (second[:255] == 2).all() and (second[265:] == 1).all()
+
+
+@pytest.mark.slow
+def test_finetune_seg_benchmark_trains_both_recipes_on_real_photos(shared_data, tmp_path):
+    """benchmarks/finetune_seg.py --quick end to end (structure only: the figures are the closing notes'), and
+    the written masks against pycocotools' own rasterisation of one val photo."""
+    from pycocotools.coco import COCO
+
+    from benchmarks import finetune_seg
+    from benchmarks.coco_seg_subset import write_voc_segmentation
+
+    out = tmp_path / "finetune_seg.json"
+    threads = torch.get_num_threads()
+    try:
+        finetune_seg.main(["--coco", str(shared_data / "coco128"), "--quick", "--threads", "1", "--workers", "0",
+                           "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    data = result["data"]
+    assert (data["train"], data["val"], data["trained_on"], len(data["class_names"])) == (100, 28, 16, 11)
+    assert result["epochs"] == 1 and result["environment"]["quick"] is True
+    assert [r["side"] for r in result["rows"]] == ["torchvision", "ours"]
+    torchvision_row, ours = result["rows"]
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and 0.0 <= row["mIoU"] <= 1.0 and 0.0 <= row["pixel_acc"] <= 1.0
+        assert set(row["IoU"]) == set(data["class_names"])
+        assert sum(row["time_split"].values()) == pytest.approx(row["seconds"], abs=1.0)
+    assert set(ours["time_split"]) == {"startup", "train", "evaluate", "report", "finish"}
+    assert ours["time_split"]["evaluate"] > 0  # the last epoch is always evaluated
+    ratios = result["ours_over_torchvision"][torchvision_row["contender"]]
+    assert ratios["time"] == pytest.approx(ours["seconds"] / torchvision_row["seconds"])
+    assert ratios["mIoU"] == pytest.approx(ours["mIoU"] / torchvision_row["mIoU"])
+
+    # The masks: where exactly one instance of a chosen class covers a pixel, that class; where none (nor a
+    # crowd region) does, background. Rasterised by pycocotools, cropped and resized here on their own.
+    coco_root = shared_data / "coco128"
+    seg = tmp_path / "seg"
+    write_voc_segmentation(coco_root, seg, seed=5)
+    coco = COCO(str(coco_root / "annotations" / "instances_train2017.json"))
+    label = {c["id"]: data["class_names"].index(c["name"]) for c in coco.cats.values()
+             if c["name"] in data["class_names"]}
+    val = (seg / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    image_id = max((int(stem) for stem in val), key=lambda i: (  # the val photo with the most classes, instances
+        len({a["category_id"] for a in coco.imgToAnns[i] if a["category_id"] in label}),
+        sum(a["category_id"] in label for a in coco.imgToAnns[i])))
+    info = coco.imgs[image_id]
+    width, height = info["width"], info["height"]
+    w, h = (round(height * 4 / 3), height) if width * 3 > height * 4 else (width, round(width * 3 / 4))
+    box = ((width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h)
+
+    def resized(region: np.ndarray) -> np.ndarray:
+        return np.array(Image.fromarray(region.astype(np.uint8)).crop(box).resize((480, 360), Image.NEAREST))
+
+    anns = [a for a in coco.imgToAnns[image_id] if a["category_id"] in label]
+    covers = [(label[a["category_id"]], a.get("iscrowd", 0), resized(coco.annToMask(a))) for a in anns]
+    count = sum(region for _, _, region in covers)
+    written = np.array(Image.open(seg / "SegmentationClass" / f"{image_id:012d}.png"))
+    assert len({c for c, _, _ in covers}) >= 2  # the photo shows at least two classes
+    assert (written[count == 0] == 0).all()
+    for cls, crowd, region in covers:
+        alone = (region == 1) & (count == 1)
+        assert alone.sum() > 0 and (written[alone] == (255 if crowd else cls)).all()
+
+
+def test_time_split_books_each_interval_under_the_event_that_ends_it():
+    import datetime
+
+    from benchmarks.own_data import time_split
+
+    def stamp(seconds: float) -> str:
+        return f"2026-01-01 00:00:{seconds:06.3f}".replace(".", ",")
+
+    log = "\n".join(f"[{stamp(t)}][{name}][INFO] - {text}" for t, name, text in [
+        (2.0, "__main__", "learning rate 0.0005 (...)"),
+        (3.5, "__main__", "amp=auto: ..."),
+        (13.5, "tasks.training.engine", "epoch 1: loss=2.4, images_per_s=1.0"),
+        (23.0, "tasks.training.engine", "epoch 2: loss=2.1, images_per_s=1.1"),
+        (27.0, "tasks.training.engine", "epoch 2 val: mIoU=0.0100"),
+        (28.5, "tasks.training.engine", "evaluation report: /tmp/x/report.html"),
+        (29.0, "__main__", "checkpoints and logs in /tmp/x"),
+    ]) + "\nfinal metrics: mIoU=0.0100\n"
+    launched = datetime.datetime(2026, 1, 1).timestamp() + 0.5
+    split = time_split(log, launched, launched + 30.0)
+    # start-up to the line before the first epoch ends (3.5 - 0.5), epochs 10 + 9.5, evaluation 4, report 1.5,
+    # the rest (the last log line is no event) to exit: 30.5 - 28.5.
+    assert split == pytest.approx({"startup": 3.0, "train": 19.5, "evaluate": 4.0, "report": 1.5, "finish": 2.0})
+    assert sum(split.values()) == pytest.approx(30.0)
+    assert time_split("no log lines", launched, launched + 7.0)["startup"] == pytest.approx(7.0)
