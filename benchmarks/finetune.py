@@ -3,7 +3,7 @@
     python -m benchmarks.finetune                       # coco128 person/car/dog in VOC layout, 60 epochs, scratch
     python -m benchmarks.finetune --epochs 120 --init-from det.ckpt   # + ours from a checkpoint stand-in
     python -m benchmarks.finetune --fp32-too            # + ours with amp=null (the recipe's amp=auto: bf16 if native)
-    python -m benchmarks.finetune --variant 'progressive_resize=null'   # + ours with other overrides
+    python -m benchmarks.finetune --variant 'dataset.input_size=256'   # + ours with other overrides
     python -m benchmarks.finetune --quick               # 2 epochs: checks that everything runs
 
 Data: the coco128 photos (../shared/data/coco128) holding any of --classes, written in VOC layout with a
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fp32-too", action="store_true", help="also train ours with amp=null (the recipe's "
                         "amp=auto picks bf16 on CPUs that compute it natively)")
     parser.add_argument("--variant", action="append", default=[], help="also train ours with these extra "
-                        "overrides, e.g. --variant 'progressive_resize=null' (repeatable)")
+                        "overrides, e.g. --variant 'dataset.input_size=256' (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 epochs: checks that everything runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
