@@ -12,6 +12,11 @@ import copy
 import torch
 from torch import nn
 
+from backbones.layers import StridedDepthwiseConv2d
+
+# Convs whose forward is nn.Conv2d's in eval: StridedDepthwiseConv2d differs only under CPU autocast (training)
+FOLDABLE_CONVS = (nn.Conv2d, StridedDepthwiseConv2d)
+
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d (with bias) equal to `bn(conv(x))` with `bn` in eval mode; computed in float64."""
@@ -40,7 +45,7 @@ def _fold_in_place(module: nn.Module) -> int:
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             conv, bn = module._modules[first], module._modules[second]
-            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+            if type(conv) in FOLDABLE_CONVS and isinstance(bn, nn.BatchNorm2d):
                 module._modules[first] = fold_conv_bn(conv, bn)
                 module._modules[second] = nn.Identity()
                 count += 1
