@@ -182,7 +182,15 @@ def run(coco_root: Path, epochs: int, threads: int, workers: int, seed: int, wor
     rows: list[dict[str, Any]] = []
     for side, name, train_fn in contenders:
         log(f"training {name} for {epochs} epochs ... (load {load_now()[0]:.2f})")
-        trained = train_fn()
+        start = time.perf_counter()
+        try:
+            trained = train_fn()
+        except RuntimeError as err:  # e.g. a non-finite loss: recorded, and the other contenders still run
+            failure = str(err).strip().splitlines()[-1]
+            rows.append({"contender": name, "side": side, "failed": failure, "seconds": time.perf_counter() - start,
+                         "loadavg_after": load_now()})
+            log(f"  failed after {rows[-1]['seconds']:.0f} s: {failure}")
+            continue
         metrics = score(trained.pop("predict"), val)
         # per photo of the training set and epoch, data loading included
         train_s_per_image = trained["time_split"]["train"] / (epochs * len(train))
@@ -193,7 +201,7 @@ def run(coco_root: Path, epochs: int, threads: int, workers: int, seed: int, wor
     ratios = {r["contender"]: {"mIoU": ratio(ours["mIoU"], r["mIoU"]),
                                "pixel_acc": ratio(ours["pixel_acc"], r["pixel_acc"]),
                                "time": ratio(ours["seconds"], r["seconds"])}
-              for r in rows if r["side"] == "torchvision"}
+              for r in rows if r["side"] == "torchvision" and "failed" not in r and "failed" not in ours}
     return {"data": {**written, "size": [480, 360], "trained_on": len(train)}, "epochs": epochs, "threads": threads,
             "workers": workers, "rows": rows, "ours_over_torchvision": ratios}
 
@@ -202,6 +210,9 @@ def table(result: dict[str, Any]) -> str:
     lines = ["| contender | train s | where the time went (s) | train s / image | mIoU | pixel acc |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['contender']} | failed after {r['seconds']:.0f} s: {r['failed']} | | | | |")
+            continue
         split = ", ".join(f"{k} {v:.0f}" for k, v in r["time_split"].items() if v >= 0.5)
         lines.append(f"| {r['contender']} | {r['seconds']:.0f} | {split} | {r['train_s_per_image']:.2f} | "
                      f"{r['mIoU']:.4f} | {r['pixel_acc']:.4f} |")

@@ -397,3 +397,29 @@ def test_time_split_books_each_interval_under_the_event_that_ends_it():
     assert split == pytest.approx({"startup": 3.0, "train": 19.5, "evaluate": 4.0, "report": 1.5, "finish": 2.0})
     assert sum(split.values()) == pytest.approx(30.0)
     assert time_split("no log lines", launched, launched + 7.0)["startup"] == pytest.approx(7.0)
+
+
+@pytest.mark.slow  # writes the 128-photo set: ~10-20 s on 2 shared cores
+def test_finetune_seg_records_a_failed_contender_and_still_scores_the_others(shared_data, tmp_path, monkeypatch):
+    from benchmarks import finetune_seg
+
+    def reference(name, train, epochs, workers, seed):
+        return {"seconds": 2.0, "time_split": {"build": 0.5, "train": 1.5},
+                "predict": lambda image: np.zeros(image.shape[:2], dtype=np.int64)}  # all background
+
+    def ours(*args):
+        raise RuntimeError("our training failed (...):\nNonFiniteLossError: loss became nan at step 3")
+
+    monkeypatch.setattr(finetune_seg, "train_reference", reference)
+    monkeypatch.setattr(finetune_seg, "train_ours", ours)
+    result = finetune_seg.run(shared_data / "coco128", 1, torch.get_num_threads(), 0, 5, tmp_path,
+                              ["lraspp_mobilenet_v3_large"], log=lambda line: None)
+    peer, failed = result["rows"]
+    assert failed["failed"] == "NonFiniteLossError: loss became nan at step 3" and "mIoU" not in failed
+    assert result["ours_over_torchvision"] == {}
+    # All background: IoU(background) = its share of the labelled val pixels = pixel accuracy; every class
+    # present in the val masks counts (IoU 0), the others are left out.
+    present = sum(not np.isnan(v) for v in peer["IoU"].values())
+    assert peer["pixel_acc"] == pytest.approx(peer["IoU"]["background"])
+    assert peer["mIoU"] == pytest.approx(peer["pixel_acc"] / present)
+    assert "failed after" in finetune_seg.table(result)
