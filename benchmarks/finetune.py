@@ -8,7 +8,7 @@
 
 Data: the coco128 photos (../shared/data/coco128) holding any of --classes, written in VOC layout with a
 seeded train/val split. Contenders, trained one after the other for the same number of epochs, with the
-same threads and DataLoader workers:
+same threads (DataLoader workers: --workers for torchvision's, our default num_workers=auto for ours):
 - ours: `python -m tasks.train experiment=ssdlite_finetune dataset.root=<subset> backbone.pretrained=null`
   as a user runs it (its own start-up checks, periodic evaluation and reports included in its time);
 - torchvision's reference recipe for its SSDLite (references/detection, `--model ssdlite320_mobilenet_v3_large
@@ -161,7 +161,7 @@ def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, work
     log(f"data: {data} ({sizes['train']} train / {sizes['val']} val photos, classes {list(classes)})")
     train = VOCDetection(data, "train", class_names=classes)
     val = VOCDetection(data, "val", class_names=classes)
-    common = [f"num_workers={workers}", f"seed={seed}"]
+    common = [f"seed={seed}"]  # ours loads with its own default (num_workers=auto); --workers is the peer's
     rows: list[dict[str, Any]] = []
 
     contenders: list[tuple[str, Callable[[], dict[str, Any]]]] = [
@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--classes", nargs="+", default=["person", "car", "dog"])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="the torchvision reference's DataLoader workers "
+                        "(ours runs with its default num_workers=auto; --variant num_workers=2 compares)")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--init-from", default=None, help="also train ours from this checkpoint (a stand-in)")
     parser.add_argument("--fp32-too", action="store_true", help="also train ours with amp=null (the recipe's "

@@ -7,7 +7,8 @@
 Data (`coco_seg_subset.py`): coco128's 128 photos centre-cropped to 4:3 and resized to 480x360, semantic
 masks of the 10 categories covering the most pixels + background (11 classes), 255 = crowd, seeded split
 100 train / 28 val: the shape of issue 11's street-scene set. Contenders, trained one after the other for
-the same number of epochs, with the same threads and DataLoader workers:
+the same number of epochs, with the same threads (DataLoader workers: --workers for torchvision's, our
+default num_workers=auto for ours):
 - ours: `python -m tasks.train experiment=deeplabv3_finetune dataset.root=<set> backbone.pretrained=null`
   as a user runs it (start-up checks, periodic evaluation and reports included in its time);
 - torchvision's reference recipe (references/segmentation/train.py with its README's command for the mobile
@@ -168,7 +169,7 @@ def run(coco_root: Path, epochs: int, threads: int, workers: int, seed: int, wor
     log(f"data: {data} ({written['train']} train / {written['val']} val photos at 480x360, classes {classes})")
     train = VOCSegmentation(data, train_split, class_names=classes)
     val = VOCSegmentation(data, "val", class_names=classes)
-    common = [f"num_workers={workers}", f"seed={seed}", f"dataset.train_split={train_split}"]
+    common = [f"seed={seed}", f"dataset.train_split={train_split}"]  # ours loads with num_workers=auto
     contenders: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
         ("torchvision", f"torchvision reference ({peer}), scratch",
          lambda peer=peer: train_reference(peer, train, epochs, workers, seed)) for peer in peers]
@@ -228,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=30, help="for every contender (the reference's default: 30)")
     parser.add_argument("--peer", choices=PEERS, action="append", help=f"torchvision model(s); default {PEERS[0]}")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="the torchvision reference's DataLoader workers "
+                        "(ours runs with its default num_workers=auto)")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--fp32-too", action="store_true", help="also train ours with amp=null (the recipe's "
                         "amp=auto picks bf16 on CPUs that compute it natively)")

@@ -27,6 +27,7 @@ from tasks.training.precision import resolve_amp
 from tasks.training.rng import seed_everything
 from tasks.training.run_guard import check_resumable, interrupted_sentence, refuse_existing_checkpoints, run_lock
 from tasks.training.scaling import scaled_lr, use_sync_bn
+from tasks.training.workers import plan_loader, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
 
 
 def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, float]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    loading = plan_loader(cfg.num_workers, device.type, cfg.threads, usable_cores(), dist.local_world_size())
+    if loading.threads:
+        torch.set_num_threads(loading.threads)
+    if cfg.num_workers == "auto" and dist.is_main():
+        log.info(loading.why)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -93,8 +97,8 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
         model = torch.nn.parallel.DistributedDataParallel(model)
     seed_everything(cfg.seed + dist.rank())
 
-    train_loader = build_loader(train_set, cfg.batch_size, True, cfg.num_workers, cfg.seed)
-    val_loader = build_loader(val_set, cfg.eval_batch_size, False, cfg.num_workers, cfg.seed)
+    train_loader = build_loader(train_set, cfg.batch_size, True, loading.workers, cfg.seed)
+    val_loader = build_loader(val_set, cfg.eval_batch_size, False, loading.workers, cfg.seed)
     lr = scaled_lr(cfg.optim.optimizer.lr, cfg.batch_size, dist.world_size(), cfg.optim.get("reference_batch"))
     if dist.is_main():
         log.info("learning rate %.6g (optim.optimizer.lr=%g for a global batch of %s; this run's is %d x %d)", lr,

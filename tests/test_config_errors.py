@@ -46,6 +46,8 @@ def test_a_good_command_line_passes():
     ("dataset.input_size=16", "dataset.input_size=16 cannot be taken by the model; expected a whole number"),
     ("batch_size=0", "batch_size=0 is not allowed; expected a positive integer"),
     ("optim.optimizer.lr=-0.1", "optim.optimizer.lr=-0.1 is not allowed; expected a number > 0"),
+    ("num_workers=-1", "num_workers=-1 is not allowed; expected an integer >= 0"),
+    ("num_workers=many", "num_workers=many is not allowed; expected an integer >= 0"),
     ("head=deeplabv3", "head=head needs segmentation annotations but dataset=dataset provides detection ones"),
 ])
 def test_bad_values_are_one_sentence(override, expected):

@@ -53,7 +53,12 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):  # integers already (the schema)
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]} is not allowed; expected a positive integer.")
-    for key in ("num_workers", "max_bad_samples", "checkpoint_every_steps"):
+    workers = cfg.num_workers
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ConfigError(f"num_workers={workers} is not allowed; expected an integer >= 0 (DataLoader worker "
+                          f"processes) or auto (tasks/training/workers.py: none on a CPU of fewer than 8 "
+                          f"cores, where they would slow the step).")
+    for key in ("max_bad_samples", "checkpoint_every_steps"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]} is not allowed; expected an integer >= 0.")
     lr = OmegaConf.select(cfg, "optim.optimizer.lr")

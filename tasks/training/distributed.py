@@ -20,6 +20,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def local_world_size() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def is_main() -> bool:
     return rank() == 0
 

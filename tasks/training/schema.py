@@ -21,7 +21,7 @@ class TrainSchema:
     epochs: int = 30
     batch_size: int = 32
     eval_batch_size: int = 32
-    num_workers: int = 2
+    num_workers: Any = "auto"         # an integer >= 0, or "auto" (tasks/training/workers.py)
     eval_every: int = 1
     clip_grad_norm: float | None = None
     amp: str | None = None
