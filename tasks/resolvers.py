@@ -26,6 +26,7 @@ def _act(source, backbone_class: str, default: str) -> str:
 RESOLVERS = {
     "mv.voc_det_classes": (custom.voc_det_class_names, True),
     "mv.voc_seg_classes": (custom.voc_seg_class_names, True),
+    "mv.voc_seg_crop_shape": (custom.voc_seg_crop_shape, True),
     "mv.voc_holdout": (custom.voc_holdout, True),
     "mv.coco_classes": (custom.coco_class_names, True),
     "mv.coco_ann_file": (custom.coco_annotation_file, True),

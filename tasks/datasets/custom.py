@@ -8,6 +8,7 @@ replaces what would be read (set once: the splits and `num_classes` interpolate 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tasks.errors import DataError
 LABEL_FILES = ("labels.txt", "classes.txt", "class_names.txt")
 # Entries some labelling tools write into their labels file that are not object classes.
 NOT_OBJECT_CLASSES = {"__ignore__", "_background_", "__background__", "background"}
+CROP_SAMPLE = 200  # photos (spread over the split) whose sizes set the training crop's aspect
+MIN_CROP_ASPECT = 0.5  # the crop's short side is at least half its long one (mmseg's Cityscapes crop: 512x1024)
 
 
 def labels_file(root: Path) -> Path | None:
@@ -86,6 +89,31 @@ def voc_seg_class_names(root: str) -> list[str]:
         raise DataError(f"{folder} has no {', '.join(LABEL_FILES)} and no SegmentationClass/*.png masks with a "
                         f"class above 0; expected one of them, or set dataset.class_names=[...].")
     return ["background"] + [f"class_{i}" for i in range(1, largest + 1)]
+
+
+def voc_seg_crop_shape(root: str, split: str, crop_size: int) -> list[int]:
+    """The training crop [height, width] for the photos of ImageSets/Segmentation/<split>.txt: crop_size on the
+    side that is the longer one in most photos, and on the other crop_size times the photos' median short/long
+    ratio (at least MIN_CROP_ASPECT, rounded up to a multiple of 16). Their longer side is resized to base_size
+    first, so a square crop of 4:3 photos computes a quarter of padding or more at every scale below 4/3.
+    Square when the photos are, or when the split cannot be read (the dataset then says what is missing)."""
+    folder = Path(str(root)).expanduser()
+    listing = folder / "ImageSets" / "Segmentation" / f"{split}.txt"
+    names = listing.read_text().split() if listing.is_file() else []
+    ratios = []
+    for name in names[::max(1, len(names) // CROP_SAMPLE)][:CROP_SAMPLE]:
+        try:
+            with Image.open(folder / "JPEGImages" / f"{name}.jpg") as image:  # reads the header only
+                width, height = image.size
+        except OSError:
+            continue
+        ratios.append(height / width)
+    if not ratios:
+        return [crop_size, crop_size]
+    ratio = float(np.median(ratios))
+    aspect = max(MIN_CROP_ASPECT, min(ratio, 1 / ratio))
+    short = min(crop_size, math.ceil(crop_size * aspect / 16) * 16)
+    return [short, crop_size] if ratio <= 1 else [crop_size, short]
 
 
 def coco_annotation_file(root: str, split: str) -> str:

@@ -36,18 +36,21 @@ JITTERS = ("brightness", "contrast", "saturation", "hue")
 
 
 class SegmentationDeviceAugment:
-    """PlannedBatch with masks (on any device) -> float32 normalised images [B, 3, crop, crop] and int64 masks
-    [B, crop, crop] (ignore_index off the photo), on that device."""
+    """PlannedBatch with masks (on any device) -> float32 normalised images [B, 3, crop_h, crop_w] and int64 masks
+    [B, crop_h, crop_w] (ignore_index off the photo), on that device."""
 
-    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255):
-        self.crop_size = int(crop_size)
+    def __init__(self, crop_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 ignore_index: int = 255):
+        """`crop_size`: the training crop, an int (square) or (height, width)."""
+        self.crop_hw = (int(crop_size),) * 2 if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
+        self.crop_size = max(self.crop_hw)
         self.ignore_index = int(ignore_index)
         self.normalize = DeviceNormalize(mean, std)
         # PadIfNeeded's image fill on uint8 images: the mean colour, rounded (transforms.py)
         self.fill = torch.tensor([float(round(m * 255)) for m in mean], dtype=torch.float32)
 
     def augment_uint8(self, batch: PlannedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images [B, 3, crop, crop] before normalisation, and int64 masks [B, crop, crop]."""
+        """uint8 images [B, 3, crop_h, crop_w] before normalisation, and int64 masks [B, crop_h, crop_w]."""
         if not isinstance(batch, PlannedBatch) or len(batch) == 0 or batch.masks is None:
             raise ValueError(f"SegmentationDeviceAugment takes a non-empty PlannedBatch with masks; got "
                              f"{type(batch).__name__}.")
@@ -64,11 +67,11 @@ class SegmentationDeviceAugment:
         bases = [(int(p["base_h"]), int(p["base_w"])) for p in params]
         if bases != sizes:
             images, masks = resize_to(images, masks, sizes, bases)
-        images, masks = scale_pad_crop_flip(images, masks, bases, params, self.crop_size, self.fill,
+        images, masks = scale_pad_crop_flip(images, masks, bases, params, self.crop_hw, self.fill,
                                             self.ignore_index)
         factors = {name: [p[name] for p in params] for name in JITTERS}
         orders = [[int(p[f"order{i}"]) for i in range(len(JITTERS))] for p in params]
-        images = photometric(images, factors, [self.crop_size ** 2] * len(params), orders)
+        images = photometric(images, factors, [self.crop_hw[0] * self.crop_hw[1]] * len(params), orders)
         return images, masks.to(torch.int64)
 
     def __call__(self, batch: PlannedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +84,7 @@ class SegmentationDeviceAugment:
         return images, [{**target, "mask": mask} for target, mask in zip(targets, masks, strict=True)]
 
     def __repr__(self) -> str:
-        return (f"SegmentationDeviceAugment(crop_size={self.crop_size}, ignore_index={self.ignore_index}, "
+        return (f"SegmentationDeviceAugment(crop_size={list(self.crop_hw)}, ignore_index={self.ignore_index}, "
                 f"normalize={self.normalize!r})")
 
 

@@ -79,16 +79,18 @@ def resample(images: torch.Tensor, masks: torch.Tensor, y: AxisTaps, x: AxisTaps
 
 
 def scale_pad_crop_flip(images: torch.Tensor, masks: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                        params: Sequence[dict], crop: int, fill: torch.Tensor, ignore_index: int
+                        params: Sequence[dict], crop: int | tuple[int, int], fill: torch.Tensor, ignore_index: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Photo b ([:, :h, :w] of the padded batch, sizes[b] = (h, w)) scaled to (scaled_h, scaled_w), padded at
-    (pad_top, pad_left), the crop x crop window at (x1, y1) cut and flipped when flip -> uint8 images
-    [B, 3, crop, crop] and masks [B, crop, crop]."""
+    (pad_top, pad_left), the crop window (crop_h, crop_w; an int: square) at (x1, y1) cut and flipped when flip
+    -> uint8 images [B, 3, crop_h, crop_w] and masks [B, crop_h, crop_w]."""
     device = images.device
-    k = torch.arange(crop, dtype=torch.float64, device=device)[None]
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    k_rows = torch.arange(crop_h, dtype=torch.float64, device=device)[None]
+    k = torch.arange(crop_w, dtype=torch.float64, device=device)[None]
     flips = _column([p["flip"] for p in params], device)[:, None] > 0
-    rows = k + _column([p["y1"] - p["pad_top"] for p in params], device)[:, None]
-    cols = torch.where(flips, crop - 1 - k, k) + _column([p["x1"] - p["pad_left"] for p in params], device)[:, None]
+    rows = k_rows + _column([p["y1"] - p["pad_top"] for p in params], device)[:, None]
+    cols = torch.where(flips, crop_w - 1 - k, k) + _column([p["x1"] - p["pad_left"] for p in params], device)[:, None]
     y = axis_taps(rows, [h for h, _ in sizes], [p["scaled_h"] for p in params], vertical=True)
     x = axis_taps(cols, [w for _, w in sizes], [p["scaled_w"] for p in params], vertical=False)
     return resample(images, masks, y, x, fill, ignore_index)

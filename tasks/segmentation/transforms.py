@@ -135,10 +135,13 @@ def build_segmentation_transforms(
     seed: int | None = None,
     base_size: int | None = None,
     device_augment: bool = False,
+    crop_shape: Sequence[int] | None = None,
 ) -> SegmentationTransform:
     """DeepLab's training augmentation or the evaluation padding (module docstring). `device_augment=True`
     (training only): the photos and masks leave the workers as decoded, with their drawn augmentation
-    parameters, for the device to augment and normalise (`transform.device_augment`, device_augment.py)."""
+    parameters, for the device to augment and normalise (`transform.device_augment`, device_augment.py).
+    `crop_shape` (training only): the crop as (height, width) instead of crop_size x crop_size, e.g. one that
+    follows the photos' aspect so that less of each step is padding (tasks/datasets/custom.py)."""
     if device_augment and not train:
         raise ValueError("device_augment applies to training transforms only (train=true); evaluation "
                          "images are padded and normalised on the CPU.")
@@ -149,9 +152,15 @@ def build_segmentation_transforms(
     low, high = (float(s) for s in scale_range)
     if not 0 < low <= high:
         raise ValueError(f"scale_range={list(scale_range)} must be (low, high) with 0 < low <= high.")
+    if crop_shape is not None and not train:
+        raise ValueError("crop_shape applies to training transforms only (train=true); evaluation pads to the "
+                         "square crop_size and slides it over larger images.")
+    crop_h, crop_w = (crop_size, crop_size) if crop_shape is None else (int(c) for c in crop_shape)
+    if min(crop_h, crop_w) < 1:
+        raise ValueError(f"crop_shape={list(crop_shape)} must be (height, width) in positive pixels.")
     fill = tuple(float(round(m * 255)) for m in mean)  # the mean colour: 0 after normalising
-    canvas = crop_size if train or base_size is None else max(crop_size, int(base_size))
-    pad = A.PadIfNeeded(canvas, canvas, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+    canvas = (crop_h, crop_w) if train or base_size is None else (max(crop_size, int(base_size)),) * 2
+    pad = A.PadIfNeeded(*canvas, position="top_left", border_mode=cv2.BORDER_CONSTANT,
                         fill=fill, fill_mask=ignore_index)
     normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
     if train:
@@ -159,7 +168,7 @@ def build_segmentation_transforms(
             A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
                           mask_interpolation=cv2.INTER_NEAREST, p=1.0),
             pad,
-            A.RandomCrop(crop_size, crop_size),
+            A.RandomCrop(crop_h, crop_w),
         ]
         if hflip:
             steps.append(A.HorizontalFlip(p=0.5))
@@ -176,7 +185,7 @@ def build_segmentation_transforms(
 
         compose = A.Compose([planned(step) for step in steps], mask_interpolation=cv2.INTER_NEAREST)
         return PlannedSegmentationTransform(crop_size, compose, seed, None if base_size is None else int(base_size),
-                                            SegmentationDeviceAugment(crop_size, mean, std, ignore_index))
+                                            SegmentationDeviceAugment((crop_h, crop_w), mean, std, ignore_index))
     steps.append(normalize)
     pipeline = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
     return SegmentationTransform(crop_size, train, pipeline, shrink, seed,
