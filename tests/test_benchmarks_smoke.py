@@ -250,6 +250,10 @@ def test_finetune_benchmark_trains_both_recipes_on_real_photos(shared_data, tmp_
         assert row["seconds"] > 0 and 0.0 <= row["AP50:95"] <= row["AP50"] <= 1.0
     assert result["ours_over_torchvision"]["time"] == pytest.approx(
         result["rows"][1]["seconds"] / result["rows"][0]["seconds"])
+    # the reference as its train.py times it: its loop plus an evaluation after every epoch
+    assert result["rows"][0]["seconds_as_run"] > result["rows"][0]["seconds"]
+    assert result["ours_over_torchvision"]["time_vs_reference_as_run"] == pytest.approx(
+        result["rows"][1]["seconds"] / result["rows"][0]["seconds_as_run"])
     # MobileNetV2 SSDLite costs more per image than MobileNetV3-Large's (paper: 0.8 B vs 0.51 B MAdds at 80 classes)
     macs = result["gmacs_per_image"]
     assert macs["ours"] > macs["torchvision"] > 0
@@ -340,6 +344,8 @@ def test_finetune_seg_benchmark_trains_both_recipes_on_real_photos(shared_data, 
     assert ours["time_split"]["evaluate"] > 0  # the last epoch is always evaluated
     ratios = result["ours_over_torchvision"][torchvision_row["contender"]]
     assert ratios["time"] == pytest.approx(ours["seconds"] / torchvision_row["seconds"])
+    assert torchvision_row["seconds_as_run"] > torchvision_row["seconds"]  # + its evaluation after every epoch
+    assert ratios["time_vs_reference_as_run"] == pytest.approx(ours["seconds"] / torchvision_row["seconds_as_run"])
     assert ratios["mIoU"] == pytest.approx(ours["mIoU"] / torchvision_row["mIoU"])
 
     # The masks: where exactly one instance of a chosen class covers a pixel, that class; where none (nor a
@@ -403,7 +409,7 @@ def test_time_split_books_each_interval_under_the_event_that_ends_it():
 def test_finetune_seg_records_a_failed_contender_and_still_scores_the_others(shared_data, tmp_path, monkeypatch):
     from benchmarks import finetune_seg
 
-    def reference(name, train, epochs, workers, seed):
+    def reference(name, train, epochs, workers, seed, val=None):
         return {"seconds": 2.0, "time_split": {"build": 0.5, "train": 1.5},
                 "predict": lambda image: np.zeros(image.shape[:2], dtype=np.int64)}  # all background
 
