@@ -252,6 +252,17 @@ def training_rows(samples: dict[str, list[float]], keys: dict[str, tuple], batch
     return rows
 
 
+def fastest(rows: list[dict]) -> str:
+    """One line per (batch, model): the configuration with the most images/s."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["batch"], row["key"][0])
+        if key not in best or row["images_per_s"] > best[key]["images_per_s"]:
+            best[key] = row
+    return "; ".join(f"batch {b} {who}: {' '.join(r['key'][1:])} ({r['images_per_s']:.0f} images/s)"
+                     for (b, who), r in best.items())
+
+
 def detection_train(s: GpuSettings, clock: Clock) -> dict:
     from . import detection as det
 
@@ -304,8 +315,9 @@ def detection_train(s: GpuSettings, clock: Clock) -> dict:
             torch.cuda.empty_cache()
     title = (f"detection_train: SSDLite-MobileNetV2 @ {size}, {s.det_classes} classes, SGD step; ratios paired per "
              f"round (< 1: faster); torchvision = benchmarks/detection.py's like-for-like peer, our weights")
-    return {"result": {"rows": results, "failures": failures, "size": size, "classes": s.det_classes},
-            "table": "\n\n".join([title, *tables])}
+    return {"result": {"rows": results, "failures": failures, "size": size, "classes": s.det_classes,
+                       "fastest": fastest(results)},
+            "table": "\n\n".join([title, *tables, f"fastest: {fastest(results)}"])}
 
 
 def segmentation_train(s: GpuSettings, clock: Clock) -> dict:
@@ -346,7 +358,8 @@ def segmentation_train(s: GpuSettings, clock: Clock) -> dict:
             torch.cuda.empty_cache()
     title = (f"segmentation_train: Mobile DeepLabv3 (MobileNetV2* OS16, light head) @ {size}, {s.seg_classes} "
              f"classes, SGD step")
-    return {"result": {"rows": results, "failures": failures, "size": size}, "table": "\n\n".join([title, *tables])}
+    return {"result": {"rows": results, "failures": failures, "size": size, "fastest": fastest(results)},
+            "table": "\n\n".join([title, *tables, f"fastest: {fastest(results)}"])}
 
 
 # ----------------------------------------------------------------------------------------------- inference
