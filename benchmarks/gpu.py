@@ -574,7 +574,9 @@ def augmentation(s: GpuSettings, clock: Clock, images: Path | None) -> dict:
         source = f"{len(photos)} photos from {folder}" if images is not None else \
             f"{len(photos)} synthetic {s.synthetic_size[1]}x{s.synthetic_size[0]} JPEGs"
         ann = real_coco_annotations(folder)
-        result["source"] = source + ("" if ann is None else " (their COCO annotations)")
+        if ann is not None:  # detection then reads every photo its annotations list
+            source += f"; detection: the {len(json.loads(ann.read_text())['images'])} photos of {ann.name}"
+        result["source"] = source
         if ann is None:
             ann = coco_annotations(photos, Path(tmp) / "instances.json", s.det_classes, s.seed)
         clock.log(f"augmentation: {result['source']}")
