@@ -288,7 +288,7 @@ def detection_train(s: GpuSettings, clock: Clock) -> dict:
             for precision in precisions:
                 for who in ("ours", "torchvision"):
                     if who == "torchvision" and precision == "fp16":
-                        continue  # torchvision's reference recipe has no GradScaler path here; ours only
+                        continue  # fp16 + GradScaler for ours only: the question is which amp our engine should use
                     name = f"{who} {layout} {precision}"
                     keys[name] = (who, layout, precision)
                     if who == "ours":
