@@ -96,7 +96,8 @@ def torchvision_post(head, image_size: int) -> Callable[[dict], list]:
     scale = torch.tensor([image_size] * 4, dtype=torch.float32)
 
     def post(outputs: dict) -> list:
-        anchors = [cxcywh_to_xyxy(torch.as_tensor(outputs["anchors"])) * scale]
+        boxes = cxcywh_to_xyxy(torch.as_tensor(outputs["anchors"]))
+        anchors = [boxes * scale.to(boxes.device)]  # the outputs' device: benchmarks/gpu.py runs this on CUDA
         return SSD.postprocess_detections(ssd, {k: torch.as_tensor(outputs[k]) for k in ("cls_logits",
                                                                                          "bbox_regression")},
                                           anchors, [(image_size, image_size)])

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The CPU always; CUDA too where this machine has it (the device paths' tests, tests/test_*device_augment.py)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device on this machine"))]
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +16,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data samples not found at {SHARED_DATA} (the ../shared folder is absent)")
     return SHARED_DATA
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device the code under test should run on: "cpu", and "cuda" (skipped without one)."""
+    return torch.device(request.param)
 
 
 def build_deploy_artifacts(tmp_path_factory) -> dict:

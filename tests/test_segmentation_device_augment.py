@@ -6,6 +6,11 @@ the image (OpenCV's INTER_LINEAR fixed point, including its row-axis edge weight
 INTER_NEAREST index); so is the base_size resize. The colour jitter differs by at most 3 uint8 levels in
 ~0.05 % of the values: the hue step's 1-level differences (tests/test_device_augment.py) grow through the
 brightness, contrast and saturation steps that ColorJitter may run after it.
+
+The tests that paint run on every device of the `device` fixture (tests/conftest.py: the CPU, and CUDA where
+there is one) with the same bounds: segmentation's device path is integer arithmetic (OpenCV's fixed point,
+nearest-neighbour indices, gathers) and element-wise IEEE float (the colour jitter), which a GPU computes bit
+for bit as the CPU does, so on CUDA the painted images must equal the path run on the CPU too.
 """
 from pathlib import Path
 
@@ -52,9 +57,9 @@ def cpu_geometry(image, mask, scaled, corner, flip):
     return (image[:, ::-1], mask[:, ::-1]) if flip else (image, mask)
 
 
-def test_scale_pad_crop_flip_is_bit_exact(photos, one_thread):
+def test_scale_pad_crop_flip_is_bit_exact(photos, one_thread, device):
     """Up- and downscaling, crops over the padding and inside the photo, flipped or not: image and mask as the
-    CPU path's, bit for bit."""
+    CPU path's, bit for bit, on every device."""
     rng = np.random.default_rng(0)
     for image, mask in photos:
         h, w = image.shape[:2]
@@ -67,15 +72,17 @@ def test_scale_pad_crop_flip_is_bit_exact(photos, one_thread):
             want_image, want_mask = cpu_geometry(image, mask, scaled, corner, flip)
             record = {"scaled_h": scaled[0], "scaled_w": scaled[1], "pad_top": 0, "pad_left": 0,
                       "x1": corner[0], "y1": corner[1], "flip": int(flip)}
-            got_image, got_mask = scale_pad_crop_flip(torch.from_numpy(image).permute(2, 0, 1)[None],
-                                                      torch.from_numpy(mask)[None], [(h, w)], [record], CROP,
-                                                      torch.tensor(FILL), 255)
-            assert np.array_equal(got_image[0].permute(1, 2, 0).numpy(), want_image), (scale, corner, flip)
-            assert np.array_equal(got_mask[0].numpy(), want_mask), (scale, corner, flip)
+            got_image, got_mask = scale_pad_crop_flip(torch.from_numpy(image).permute(2, 0, 1)[None].to(device),
+                                                      torch.from_numpy(mask)[None].to(device), [(h, w)], [record],
+                                                      CROP, torch.tensor(FILL), 255)
+            assert got_image.device.type == got_mask.device.type == device.type
+            assert np.array_equal(got_image[0].permute(1, 2, 0).cpu().numpy(), want_image), (scale, corner, flip)
+            assert np.array_equal(got_mask[0].cpu().numpy(), want_mask), (scale, corner, flip)
 
 
-def test_base_size_resize_is_cv2_resize(photos):
-    """A batch of photos of different sizes, each to its own target: cv2.resize's pixels, bit for bit."""
+def test_base_size_resize_is_cv2_resize(photos, device):
+    """A batch of photos of different sizes, each to its own target: cv2.resize's pixels, bit for bit, on every
+    device."""
     chosen = photos[:3]
     sizes = [im.shape[:2] for im, _ in chosen]
     targets = [(round(h * 0.8), round(w * 0.8)) for h, w in sizes[:2]] + [(sizes[2][0] + 37, sizes[2][1] + 11)]
@@ -84,7 +91,8 @@ def test_base_size_resize_is_cv2_resize(photos):
     for i, (image, mask) in enumerate(chosen):
         images[i, :, :image.shape[0], :image.shape[1]] = torch.from_numpy(image).permute(2, 0, 1)
         masks[i, :mask.shape[0], :mask.shape[1]] = torch.from_numpy(mask)
-    got_images, got_masks = resize_to(images, masks, sizes, targets)
+    got_images, got_masks = resize_to(images.to(device), masks.to(device), sizes, targets)
+    got_images, got_masks = got_images.cpu(), got_masks.cpu()
     for i, ((image, mask), (th, tw)) in enumerate(zip(chosen, targets, strict=True)):
         assert np.array_equal(got_images[i, :, :th, :tw].permute(1, 2, 0).numpy(),
                               cv2.resize(image, (tw, th), interpolation=cv2.INTER_LINEAR))
@@ -98,9 +106,9 @@ def voc(voc_root: Path, **options) -> PerSampleSeeds:
 
 
 @pytest.mark.parametrize("options", [{}, {"base_size": 400}])
-def test_whole_pipeline_identical_without_photometric(voc_root, one_thread, options):
+def test_whole_pipeline_identical_without_photometric(voc_root, one_thread, options, device):
     """Same per-sample seeds: the same crop and flip drawn as the CPU path's, the normalised images and the masks
-    identical (DeepLab's recipe, and the fine-tuning recipe's base_size resize before it)."""
+    identical (DeepLab's recipe, and the fine-tuning recipe's base_size resize before it), on every device."""
     cpu, planned = voc(voc_root, **options), voc(voc_root, device_augment=True, **options)
     steps = {type(step).__name__: step for step in cpu.transforms.pipeline.transforms}
     indices = range(8)
@@ -114,16 +122,18 @@ def test_whole_pipeline_identical_without_photometric(voc_root, one_thread, opti
     record = batch.params[:, [PARAMS.index("x1"), PARAMS.index("y1"), PARAMS.index("flip")]]
     assert record.tolist() == [list(map(float, d)) for d in drawn]
     assert 0 < record[:, 2].sum() < len(indices)  # both flip outcomes occur
-    images, painted = planned.transforms.device_augment.paint(batch, targets)
-    assert torch.equal(images, expected)
+    images, painted = planned.transforms.device_augment.paint(batch.to(device), targets)
+    assert images.device.type == device.type
+    assert torch.equal(images.cpu(), expected)
     for got, want in zip(painted, expected_targets, strict=True):
-        assert got["mask"].dtype == torch.int64 and torch.equal(got["mask"], want["mask"])
+        assert got["mask"].dtype == torch.int64 and got["mask"].device.type == device.type
+        assert torch.equal(got["mask"].cpu(), want["mask"])
         assert got["image_id"] == want["image_id"]
 
 
-def test_whole_pipeline_with_photometric_within_3_levels(voc_root, one_thread):
+def test_whole_pipeline_with_photometric_within_3_levels(voc_root, one_thread, device):
     """ColorJitter (four factors, a random order per image): masks identical, uint8 images within 3 levels in
-    at most 0.2 % of the values."""
+    at most 0.2 % of the values; on CUDA, identical to the device path run on the CPU."""
     cpu, planned = voc(voc_root, photometric=True), voc(voc_root, photometric=True, device_augment=True)
     cpu.transforms.pipeline = type(cpu.transforms.pipeline)(  # the same steps without Normalize: uint8 out
         list(cpu.transforms.pipeline.transforms)[:-1], mask_interpolation=cv2.INTER_NEAREST)
@@ -132,10 +142,15 @@ def test_whole_pipeline_with_photometric_within_3_levels(voc_root, one_thread):
     batch, _targets = collate([planned[i] for i in indices])
     jittered = batch.params[:, PARAMS.index("brightness")] != 1.0
     assert 0 < jittered.sum() < len(indices) or jittered.all()
-    images, masks = planned.transforms.device_augment.augment_uint8(batch)
+    augment = planned.transforms.device_augment
+    images, masks = augment.augment_uint8(batch.to(device))
+    assert images.device.type == masks.device.type == device.type
+    images, masks = images.cpu(), masks.cpu()
     assert torch.equal(masks, torch.stack([t["mask"] for t in expected_targets]))
     diff = (images.int() - expected.int()).abs()
     assert diff.max() <= 3 and (diff > 0).float().mean() <= 0.002, (diff.max(), (diff > 0).float().mean())
+    if device.type != "cpu":
+        assert torch.equal(images, augment.augment_uint8(batch)[0])
 
 
 def test_loader_hands_planned_batches_with_masks(voc_root):
