@@ -64,8 +64,9 @@ def test_the_custom_dataset_trains_on_crops_of_that_shape_and_evaluates_on_squar
 
 
 @pytest.mark.parametrize("crop_shape", [(384, 512), (512, 320)])
-def test_device_path_cuts_the_cpu_paths_rectangular_crops(shared_data, one_thread, crop_shape):
-    """Same per-sample seeds, non-square crops: normalised images and masks identical, bit for bit."""
+def test_device_path_cuts_the_cpu_paths_rectangular_crops(shared_data, one_thread, crop_shape, device):
+    """Same per-sample seeds, non-square crops: normalised images and masks identical, bit for bit, on every
+    device (tests/conftest.py)."""
     root = shared_data / "voc_samples" / "VOC2012"
 
     def voc(**options) -> PerSampleSeeds:
@@ -75,10 +76,11 @@ def test_device_path_cuts_the_cpu_paths_rectangular_crops(shared_data, one_threa
     cpu, planned = voc(), voc(device_augment=True)
     expected, expected_targets = collate([cpu[i] for i in range(6)])
     batch, targets = collate([planned[i] for i in range(6)])
-    images, painted = planned.transforms.device_augment.paint(batch, targets)
-    assert expected.shape == (6, 3, *crop_shape) and torch.equal(images, expected)
+    images, painted = planned.transforms.device_augment.paint(batch.to(device), targets)
+    assert images.device.type == device.type
+    assert expected.shape == (6, 3, *crop_shape) and torch.equal(images.cpu(), expected)
     for got, want in zip(painted, expected_targets, strict=True):
-        assert torch.equal(got["mask"], want["mask"])
+        assert torch.equal(got["mask"].cpu(), want["mask"])
 
 
 def test_crop_shape_is_for_training_only():
