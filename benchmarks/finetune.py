@@ -41,7 +41,7 @@ import torch
 
 from benchmarks.coco_subset import write_voc_subset
 from benchmarks.macs import ours_detection_gmacs, torchvision_ssdlite_gmacs
-from benchmarks.own_data import ROOT, SHARED_COCO, train_with_tasks
+from benchmarks.own_data import ROOT, SHARED_COCO, evaluate_like_reference, reference_seconds, train_with_tasks
 from benchmarks.run import environment
 from tasks.detection.voc import VOCDetection
 from tasks.detection.voc_eval import VOCEvaluator
@@ -151,13 +151,9 @@ def train_reference(train: VOCDetection, epochs: int, workers: int, seed: int, b
                 warmup.step()
         cosine.step()
         if val is not None:
-            evaluated = time.perf_counter()
-            model.eval()
-            score(predict, val)
-            eval_seconds += time.perf_counter() - evaluated
-    seconds = time.perf_counter() - start - eval_seconds
+            eval_seconds += evaluate_like_reference(model, lambda: score(predict, val))
+    timing = reference_seconds(time.perf_counter() - start, eval_seconds, val is not None)
     model.eval()
-    timing = {"seconds": seconds} if val is None else {"seconds": seconds, "seconds_as_run": seconds + eval_seconds}
     return {**timing, "predict": predict}
 
 

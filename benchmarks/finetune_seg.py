@@ -41,7 +41,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.coco_seg_subset import write_voc_segmentation
-from benchmarks.own_data import BAR, ROOT, SHARED_COCO, load_now, ratio, train_with_tasks, write_json
+from benchmarks.own_data import (
+    BAR,
+    ROOT,
+    SHARED_COCO,
+    evaluate_like_reference,
+    load_now,
+    ratio,
+    reference_seconds,
+    train_with_tasks,
+    write_json,
+)
 from benchmarks.run import environment
 from tasks.segmentation.palette import IGNORE_INDEX
 from tasks.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -151,13 +161,9 @@ def train_reference(name: str, train: VOCSegmentation, epochs: int, workers: int
             scheduler.step()
         epoch_seconds.append(time.perf_counter() - epoch_start)
         if val is not None:
-            evaluated = time.perf_counter()
-            model.eval()
-            score(predict, val)
-            eval_seconds += time.perf_counter() - evaluated
-    seconds = time.perf_counter() - start - eval_seconds
+            eval_seconds += evaluate_like_reference(model, lambda: score(predict, val))
+    timing = reference_seconds(time.perf_counter() - start, eval_seconds, val is not None)
     model.eval()
-    timing = {"seconds": seconds} if val is None else {"seconds": seconds, "seconds_as_run": seconds + eval_seconds}
     return {**timing, "time_split": {"build": built, "train": sum(epoch_seconds)},
             "epoch_seconds": epoch_seconds, "predict": predict}
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .run import cpu_model
 from .timing import interleaved, paired_ratio, summarise
 
 SECTIONS = ("environment", "detection_train", "segmentation_train", "inference", "augmentation")
@@ -127,16 +128,6 @@ def bracket(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment(s: GpuSettings, clock: Clock) -> dict:

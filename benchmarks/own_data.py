@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,21 @@ def time_split(log_text: str, launched: float, ended: float) -> dict[str, float]
             last = stamp
     split["finish"] = ended - last
     return split
+
+
+def evaluate_like_reference(model, evaluate: Callable[[], object]) -> float:
+    """Seconds of one evaluation pass of a torchvision peer, as its reference train.py runs after every epoch."""
+    started = time.perf_counter()
+    model.eval()
+    evaluate()
+    return time.perf_counter() - started
+
+
+def reference_seconds(elapsed: float, evaluating: float, evaluated: bool) -> dict[str, float]:
+    """`seconds`: the peer's training loop alone; `seconds_as_run` (when it evaluated every epoch): the loop and
+    those evaluations, the "Training time" the reference's train.py prints."""
+    loop = {"seconds": elapsed - evaluating}
+    return {**loop, "seconds_as_run": elapsed} if evaluated else loop
 
 
 def ratio(ours: float, theirs: float) -> float:
