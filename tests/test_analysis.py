@@ -273,6 +273,30 @@ def test_browse_writes_the_grid_and_the_label_statistics(dataset, augment, tmp_p
     assert Image.open(written["labels"]).width > 1000
 
 
+@pytest.mark.parametrize("dataset", ["shapes_det", "shapes_seg"])
+def test_browse_shows_device_augmentation_as_the_cpu_path_would(dataset, tmp_path):
+    """augment=true on a dataset trained with device_augment=true: the workers' planned images are painted as the
+    engine paints them, so the grid is the CPU augmentation's (segmentation bit for bit; detection's device path
+    is within 1 uint8 level of the CPU's)."""
+    from hydra import compose, initialize_config_module
+
+    from tasks.browse import browse_dataset
+
+    grids = []
+    for device in (False, True):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose("browse", overrides=[
+                f"dataset={dataset}", f"dataset.root={tmp_path / dataset}", "dataset.prepare.num_train=6",
+                "dataset.prepare.num_val=2", "dataset.prepare.image_size=64", "dataset.input_size=64", "n=4",
+                "tile_width=100", "augment=true", f"+dataset.train.transforms.device_augment={device}"])
+        grids.append(np.asarray(Image.open(browse_dataset(cfg, tmp_path / f"browse_{device}")["samples"]), np.int16))
+    difference = np.abs(grids[0] - grids[1])
+    if dataset == "shapes_seg":
+        assert difference.max() == 0
+    else:
+        assert difference.mean() < 0.05, difference.mean()
+
+
 @pytest.mark.slow
 def test_browse_cli_runs_and_refuses_an_unknown_split(tmp_path):
     command = [sys.executable, "-m", "tasks.browse", f"dataset.root={tmp_path / 'shapes'}",

@@ -12,6 +12,7 @@ import numpy as np
 from tasks.analysis.evaluation_report import original_image
 from tasks.analysis.plots import detection_label_stats_figure, save_figure, segmentation_label_stats_figure
 from tasks.analysis.visualize import denormalise, draw_detections, draw_mask, image_grid
+from tasks.detection.device_augment import PlannedBatch, PlannedImage
 from tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ def sample_pictures(dataset: Any, task: str, indices: Sequence[int], augment: bo
     for index in indices:
         if augment:
             tensor, target = dataset[int(index)]
+            if isinstance(tensor, PlannedImage):  # device_augment=true: painted here as the engine paints a batch
+                images, targets = dataset.transforms.device_augment.paint(PlannedBatch.collate([tensor]), [target])
+                tensor, target = images[0], targets[0]
             image = denormalise(tensor, mean, std)
             image_id = target.get("image_id", index)
         if task == "detection":
