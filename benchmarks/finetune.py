@@ -109,19 +109,21 @@ def _collate(batch):
 
 
 def train_reference(train: VOCDetection, epochs: int, workers: int, seed: int, batch_size: int = 24,
-                    lr: float = 0.15, val: VOCDetection | None = None) -> dict[str, Any]:
+                    lr: float = 0.15, val: VOCDetection | None = None, device: str = "cpu") -> dict[str, Any]:
     """`seconds`: its training loop alone. With `val`, also `seconds_as_run`: the loop plus the evaluation
     after every epoch that references/detection/train.py runs inside the time it prints as "Training time"."""
     from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=train.num_classes + 1)
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                          num_classes=train.num_classes + 1).to(device)
     to_tensor = ReferenceDataset(train, train=False).transforms
 
     @torch.no_grad()
     def predict(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = model([to_tensor(torch.from_numpy(image).permute(2, 0, 1))])[0]
+        image = to_tensor(torch.from_numpy(image).permute(2, 0, 1)).to(device)
+        out = {k: v.cpu() for k, v in model([image])[0].items()}
         return out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy() - 1
 
     eval_seconds = 0.0
@@ -142,7 +144,8 @@ def train_reference(train: VOCDetection, epochs: int, workers: int, seed: int, b
             if warmup_iters > 0:
                 warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
         for images, targets in loader:
-            losses = model(list(images), list(targets))
+            losses = model([image.to(device) for image in images],
+                           [{k: v.to(device) for k, v in target.items()} for target in targets])
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
@@ -160,7 +163,7 @@ def train_reference(train: VOCDetection, epochs: int, workers: int, seed: int, b
 # -- the run ----------------------------------------------------------------------------------------------
 def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, workers: int, seed: int, workdir: Path,
         init_from: str | None, fp32_too: bool = False, variants: Sequence[str] = (),
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(threads)
     data = workdir / "voc_subset"
     sizes = write_voc_subset(coco_root, data, list(classes), seed=seed)
@@ -173,7 +176,7 @@ def run(coco_root: Path, classes: Sequence[str], epochs: int, threads: int, work
 
     contenders: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("torchvision reference (SSDLite320-MobileNetV3-Large), scratch",
-         lambda: train_reference(train, epochs, workers, seed, val=val)),
+         lambda: train_reference(train, epochs, workers, seed, val=val, device=device)),
         ("ours (experiment=ssdlite_finetune), scratch",
          lambda: train_ours(data, epochs, workdir / "ours_scratch", threads, ["backbone.pretrained=null", *common])),
     ]
@@ -237,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], help="also train ours with these extra "
                         "overrides, e.g. --variant 'dataset.input_size=256' (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 epochs: checks that everything runs")
+    parser.add_argument("--device", default="cpu", help="where torchvision's reference trains (cuda: on a GPU "
+                        "machine, to compare the metrics of longer runs; ours picks the GPU by itself)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if not (args.coco / "annotations" / "instances_train2017.json").is_file():
@@ -244,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = environment()  # its loadavg_start is the load before the runs
     with tempfile.TemporaryDirectory(prefix="mv_finetune_") as scratch:
         result = run(args.coco, args.classes, 2 if args.quick else args.epochs, args.threads, args.workers,
-                     args.seed, Path(scratch), args.init_from, args.fp32_too, args.variant)
+                     args.seed, Path(scratch), args.init_from, args.fp32_too, args.variant, device=args.device)
     result["environment"] = started | {"loadavg_end": list(os.getloadavg())}
     for row in result["rows"]:
         row.pop("predict", None)
