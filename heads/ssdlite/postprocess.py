@@ -16,6 +16,9 @@ Three exact shortcuts keep the usual and the worst case cheap:
   keeps exactly the boxes full NMS keeps among them: once it keeps `detections_per_image`, those are the
   final detections. NMS starts with a short prefix and grows it only while too few boxes survive.
 Only the anchors of the candidates are decoded.
+
+The scores and boxes come from the raw outputs (eager PyTorch), or ready-made from a graph that ends in them
+(an ONNX export's decode_in_graph outputs): the same numbers enter the same selection, so the same detections.
 """
 from __future__ import annotations
 
