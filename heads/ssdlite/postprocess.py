@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +38,9 @@ _FIRST_PREFIX = 2
 _GROWTH = 4
 # Up to this many pairs above the threshold, sorting them beats a top-k over every pair.
 _SORT_ALL = 4096
+# One image's candidate rows: (anchor indices [R], scores [R, K], best score [R], pairs above the threshold
+# [R, K], how many).
+_Rows = tuple[Tensor, Tensor, Tensor, Tensor, int]
 
 
 def _ranked_candidates(scores: Tensor, rows: Tensor, row_best: Tensor, above: Tensor, num_above: int,
@@ -83,33 +87,43 @@ def foreground_scores(cls_logits: Tensor) -> Tensor:
     return F.softmax(cls_logits.float(), dim=-1)[..., 1:]
 
 
-def _rows_from_logits(logits: Tensor, hit: Tensor, score_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def _rows_from_logits(logits: Tensor, hit: Tensor, score_threshold: float) -> _Rows:
     """One image's [A, K + 1] logits and its anchors that may hold a candidate (`hit` [A]) -> (rows [R] that do
-    hold a pair above the threshold, their scores [R, K], their best score [R])."""
+    hold a pair above the threshold, their scores [R, K], their best score [R], which pairs are above it
+    [R, K], how many)."""
     rows = hit.nonzero().squeeze(1)
     scores = foreground_scores(logits[rows])
     best = scores.amax(dim=1)
     passing = best > score_threshold
     if not bool(passing.all()):
-        return rows[passing], scores[passing], best[passing]
-    return rows, scores.contiguous(), best
+        rows, scores, best = rows[passing], scores[passing], best[passing]
+    above = scores > score_threshold
+    return rows, scores.contiguous(), best, above, int(torch.count_nonzero(above))
 
 
-def _rows_from_scores(scores: Tensor, best: Tensor, score_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One image's [A, K] scores and best score per anchor [A] -> the same triple as `_rows_from_logits`."""
-    rows = (best > score_threshold).nonzero().squeeze(1)
-    if len(rows) == len(best):
-        return rows, scores.float().contiguous(), best.float()
-    return rows, scores[rows].float(), best[rows].float()
+def _rows_from_scores(scores: Tensor, best: Tensor, score_threshold: float) -> _Rows:
+    """One image's [A, K] scores and best score per anchor [A] (on the CPU) -> what `_rows_from_logits` gives.
+    Only selections and comparisons, so numpy runs them: the same numbers for a fraction of the per-call cost of
+    PyTorch's ops right after a runtime returns its outputs (benchmarks/postprocess.py)."""
+    scores_np, best_np = scores.detach().float().numpy(), best.detach().float().numpy()
+    threshold = np.float32(score_threshold)  # PyTorch compares a float32 tensor with a Python float in float32
+    rows = np.flatnonzero(best_np > threshold)
+    if len(rows) < len(best_np):
+        scores_np, best_np = scores_np[rows], best_np[rows]
+    above = scores_np > threshold
+    return (torch.from_numpy(rows), torch.from_numpy(np.ascontiguousarray(scores_np)), torch.from_numpy(best_np),
+            torch.from_numpy(above), int(np.count_nonzero(above)))
 
 
 def _classwise_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
-    """torchvision's batched_nms; up to its own cut-over, its coordinate trick is inlined here (the same
-    arithmetic, hence the same boxes kept) without its per-call logging and dispatch."""
+    """torchvision's batched_nms. On the CPU, up to its own cut-over, its coordinate trick (every class shifted
+    past the others) is inlined here in numpy: the same float32 arithmetic, hence the same boxes kept, without
+    its per-call logging and five small PyTorch ops."""
     if boxes.numel() > 4000 or boxes.device.type != "cpu" or boxes.numel() == 0:
         return batched_nms(boxes, scores, labels, iou_threshold)
-    offsets = labels.to(boxes) * (boxes.max() + 1)
-    return torch.ops.torchvision.nms(boxes + offsets[:, None], scores, iou_threshold)
+    coordinates = boxes.numpy()
+    offsets = labels.numpy().astype(np.float32) * (coordinates.max() + np.float32(1))
+    return torch.ops.torchvision.nms(torch.from_numpy(coordinates + offsets[:, None]), scores, iou_threshold)
 
 
 @torch.no_grad()
@@ -150,11 +164,10 @@ def postprocess(cls_logits: Tensor | None, bbox_regression: Tensor, anchors: Ten
     results = []
     for b in range(batch):
         if from_scores:
-            rows, kept_scores, row_best = _rows_from_scores(class_scores[b], best_class_score[b], score_threshold)
+            rows, kept_scores, row_best, above, num_above = _rows_from_scores(class_scores[b], best_class_score[b],
+                                                                              score_threshold)
         else:
-            rows, kept_scores, row_best = _rows_from_logits(logits[b], row_hit[b], score_threshold)
-        above = kept_scores > score_threshold
-        num_above = int(torch.count_nonzero(above))
+            rows, kept_scores, row_best, above, num_above = _rows_from_logits(logits[b], row_hit[b], score_threshold)
 
         # The total is at least min(num_above, topk_candidates, nms_pre) (one class past the top-k alone gives
         # topk_candidates), so the usual first prefix needs no per-class count; it is counted when NMS asks for more.
