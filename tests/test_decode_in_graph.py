@@ -95,3 +95,36 @@ def test_eager_detections_are_torchvisions():
                                       {k: SETTINGS[k] for k in ("score_threshold", "topk_candidates",
                                                                 "nms_iou_threshold", "detections_per_image")})
     assert_same(eager_detections(raw, SETTINGS), expected)
+
+
+@pytest.mark.parametrize("kind", ["random", "realistic"])
+def test_export_wrapper_of_a_real_network_decodes_like_head_predict(kind):
+    """The wrapper the export traces, around SSDLite-MobileNetV2 at 320 with 80 classes (random weights: the
+    worst case; or its logits replaced by trained-looking ones), against the model's own head.predict."""
+    from benchmarks.postprocess import model_config
+    from tasks.training.model import build_model
+
+    settings = PostprocessSettings()
+    cfg = model_config(settings)
+    torch.manual_seed(0)
+    model = build_model(cfg.backbone, cfg.head, settings.num_classes).eval()
+    images = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = dict(model(images))
+    if kind == "realistic":
+        raw["cls_logits"] = realistic_logits(raw["cls_logits"].shape, settings, torch.Generator().manual_seed(1))
+    names = [*raw, *DECODED_OUTPUTS]
+    wrapper = ExportWrapper(RawOutputs(raw), names, box_coder=model.head.box_coder)
+    with torch.no_grad():
+        outputs = dict(zip(names, wrapper(images)))
+    sizes = [(320, 320)]
+    expected = model.head.predict(raw, sizes)
+    got = decode_detections({k: v.numpy() for k, v in outputs.items()}, sizes,
+                            {"box_coder_weights": list(model.head.box_coder.weights),
+                             "score_threshold": model.head.score_threshold,
+                             "topk_candidates": model.head.topk_candidates,
+                             "nms_iou_threshold": model.head.nms_iou_threshold,
+                             "detections_per_image": model.head.detections_per_image, "nms_pre": model.head.nms_pre})
+    assert len(expected[0]["scores"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(got[0][key], expected[0][key]), key
