@@ -7,7 +7,8 @@ from torch import nn
 
 from benchmarks.postprocess import PostprocessSettings, realistic_logits
 from heads.ssdlite import BoxCoder, DefaultBoxes
-from tasks.deploy.onnx_export import DECODED_OUTPUTS, ExportWrapper
+from tasks.deploy.in_graph import DECODED_OUTPUTS
+from tasks.deploy.onnx_export import ExportWrapper
 from tasks.deploy.onnx_runtime import decode_detections
 
 GRIDS_320 = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]

@@ -13,7 +13,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from backbones.layers import ConvBNAct
 from tasks.deploy.fold_bn import fold_batchnorm, fold_conv_bn
-from tasks.deploy.onnx_export import DECODED_OUTPUTS
+from tasks.deploy.in_graph import DECODED_OUTPUTS
 from tasks.deploy.onnx_runtime import OnnxModel, decode_segmentation
 from tasks.deploy.sidecar import read_sidecar
 from tasks.detection.coco import CocoDetection

@@ -11,8 +11,8 @@ from helpers import ROOT
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tasks.deploy.in_graph import DECODED_OUTPUTS
 from tasks.deploy.int8 import quantize_checkpoint
-from tasks.deploy.onnx_export import DECODED_OUTPUTS
 from tasks.deploy.onnx_runtime import OnnxModel
 from tasks.deploy.sidecar import read_sidecar
 from tasks.evaluate import evaluate_checkpoint

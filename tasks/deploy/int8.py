@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from tasks.deploy.onnx_export import DECODED_OUTPUTS, export_model
+from tasks.deploy.in_graph import DECODED_OUTPUTS
+from tasks.deploy.onnx_export import export_model
 from tasks.deploy.onnx_runtime import OnnxModel
 from tasks.deploy.sidecar import read_sidecar, sidecar_path, write_json
 from tasks.errors import ConfigError

@@ -36,7 +36,13 @@ from torch import nn
 from heads.ssdlite.box_coder import BoxCoder
 from heads.ssdlite.postprocess import foreground_scores
 from tasks.deploy.fold_bn import fold_batchnorm
-from tasks.deploy.in_graph import CANDIDATE_OUTPUTS, DETECTION_OUTPUTS, in_graph_wrapper, max_detections
+from tasks.deploy.in_graph import (
+    CANDIDATE_OUTPUTS,
+    DECODED_OUTPUTS,
+    DETECTION_OUTPUTS,
+    in_graph_wrapper,
+    max_detections,
+)
 from tasks.deploy.parity import check_in_graph_parity
 from tasks.deploy.sidecar import INPUT_NAME, model_metadata, refuse_to_overwrite, sidecar_path, write_json
 from tasks.errors import ConfigError
@@ -45,7 +51,6 @@ from tasks.training.trained import load_trained_model
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-DECODED_OUTPUTS = ("class_scores", "best_class_score", "anchor_boxes")  # decode_in_graph's, after SSDLite's raw ones
 
 
 class ExportWrapper(nn.Module):

@@ -22,8 +22,7 @@ import torch
 from heads.deeplabv3 import logits_to_label_maps
 from heads.ssdlite.box_coder import BoxCoder
 from heads.ssdlite.postprocess import postprocess
-from tasks.deploy.in_graph import detections_to_results, label_maps_to_results, select_detections
-from tasks.deploy.onnx_export import DECODED_OUTPUTS
+from tasks.deploy.in_graph import DECODED_OUTPUTS, detections_to_results, label_maps_to_results, select_detections
 from tasks.deploy.sidecar import read_sidecar
 from tasks.errors import ConfigError
 
