@@ -39,20 +39,24 @@ _GROWTH = 4
 # Up to this many pairs above the threshold, sorting them beats a top-k over every pair.
 _SORT_ALL = 4096
 # One image's candidate rows: (anchor indices [R], scores [R, K], best score [R], pairs above the threshold
-# [R, K], how many).
-_Rows = tuple[Tensor, Tensor, Tensor, Tensor, int]
+# [R, K], how many, and when already at hand those pairs' flat indices into scores [R * K] and their scores).
+_Rows = tuple[Tensor, Tensor, Tensor, Tensor, int, tuple[Tensor, Tensor] | None]
 
 
 def _ranked_candidates(scores: Tensor, rows: Tensor, row_best: Tensor, above: Tensor, num_above: int,
-                       score_threshold: float, topk_candidates: int, count: int) -> tuple[Tensor, Tensor, Tensor]:
+                       pairs: tuple[Tensor, Tensor] | None, score_threshold: float, topk_candidates: int,
+                       count: int) -> tuple[Tensor, Tensor, Tensor]:
     """The `count` best (anchor, class) pairs of one image that pass the per-class top-k and the threshold,
     in descending score order: (scores [n], anchors [n], classes [n]). `scores` [R, K] are the image's rows
     `rows` [R] that hold some pair above the threshold (`row_best` [R] their best score, `above` [R, K],
-    `num_above` of them)."""
+    `num_above` of them; `pairs`: their flat indices and scores, or None to find them here)."""
     num_rows, num_classes = scores.shape
     if num_above <= max(count, _SORT_ALL):  # few pairs pass the threshold: sort those, no top-k over all pairs
-        index = above.view(-1).nonzero().squeeze(1)
-        values, order = scores.view(-1)[index].sort(descending=True)
+        if pairs is None:
+            index = above.view(-1).nonzero().squeeze(1)
+            pairs = index, scores.view(-1)[index]
+        index, values = pairs
+        values, order = values.sort(descending=True)
         values, index = values[:count], index[order[:count]]
     elif count < num_rows:
         # The best `count` pairs lie on the `count` rows with the best class scores (each of those rows holds
@@ -98,7 +102,7 @@ def _rows_from_logits(logits: Tensor, hit: Tensor, score_threshold: float) -> _R
     if not bool(passing.all()):
         rows, scores, best = rows[passing], scores[passing], best[passing]
     above = scores > score_threshold
-    return rows, scores.contiguous(), best, above, int(torch.count_nonzero(above))
+    return rows, scores.contiguous(), best, above, int(torch.count_nonzero(above)), None
 
 
 def _rows_from_scores(scores: Tensor, best: Tensor, score_threshold: float) -> _Rows:
@@ -110,9 +114,14 @@ def _rows_from_scores(scores: Tensor, best: Tensor, score_threshold: float) -> _
     rows = np.flatnonzero(best_np > threshold)
     if len(rows) < len(best_np):
         scores_np, best_np = scores_np[rows], best_np[rows]
-    above = scores_np > threshold
-    return (torch.from_numpy(rows), torch.from_numpy(np.ascontiguousarray(scores_np)), torch.from_numpy(best_np),
-            torch.from_numpy(above), int(np.count_nonzero(above)))
+    scores_np, above = np.ascontiguousarray(scores_np), scores_np > threshold
+    num_above = int(np.count_nonzero(above))
+    pairs = None
+    if num_above <= _SORT_ALL:  # the pairs the ranking sorts (the row-major order of PyTorch's nonzero())
+        index = np.flatnonzero(above)
+        pairs = torch.from_numpy(index), torch.from_numpy(scores_np.reshape(-1)[index])
+    return (torch.from_numpy(rows), torch.from_numpy(scores_np), torch.from_numpy(best_np), torch.from_numpy(above),
+            num_above, pairs)
 
 
 def _classwise_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
@@ -165,10 +174,10 @@ def postprocess(cls_logits: Tensor | None, bbox_regression: Tensor, anchors: Ten
     results = []
     for b in range(batch):
         if from_scores:
-            rows, kept_scores, row_best, above, num_above = _rows_from_scores(class_scores[b], best_class_score[b],
-                                                                              score_threshold)
+            candidates = _rows_from_scores(class_scores[b], best_class_score[b], score_threshold)
         else:
-            rows, kept_scores, row_best, above, num_above = _rows_from_logits(logits[b], row_hit[b], score_threshold)
+            candidates = _rows_from_logits(logits[b], row_hit[b], score_threshold)
+        rows, kept_scores, row_best, above, num_above, pairs = candidates
 
         # The total is at least min(num_above, topk_candidates, nms_pre) (one class past the top-k alone gives
         # topk_candidates), so the usual first prefix needs no per-class count; it is counted when NMS asks for more.
@@ -179,7 +188,7 @@ def postprocess(cls_logits: Tensor | None, bbox_regression: Tensor, anchors: Ten
         count = first if total is None else min(total, first)
         size = image_scale[b]
         while True:
-            values, anchor, labels = _ranked_candidates(kept_scores, rows, row_best, above, num_above,
+            values, anchor, labels = _ranked_candidates(kept_scores, rows, row_best, above, num_above, pairs,
                                                         score_threshold, topk_candidates, count)
             if anchor_boxes is None:
                 boxes = box_coder.decode(bbox_regression[b, anchor].float(), anchors[anchor]) * size
