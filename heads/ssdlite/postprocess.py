@@ -58,16 +58,18 @@ def _ranked_candidates(scores: Tensor, rows: Tensor, row_best: Tensor, above: Te
         index, values = pairs
         values, order = values.sort(descending=True)
         values, index = values[:count], index[order[:count]]
+        position, classes = index // num_classes, index % num_classes  # the pairs' rows in `scores`, their classes
     elif count < num_rows:
         # The best `count` pairs lie on the `count` rows with the best class scores (each of those rows holds
         # a pair at least as good as the count-th best row's), so the top-k runs on those rows only.
         best = row_best.topk(count).indices
         values, sub = scores[best].view(-1).topk(count)
-        index = best[sub // num_classes] * num_classes + sub % num_classes
+        position, classes = best[sub // num_classes], sub % num_classes
     else:
         values, index = scores.view(-1).topk(count)
-    if count <= topk_candidates or int(torch.bincount(index % num_classes).max()) <= topk_candidates:
-        return values, rows[index // num_classes], index % num_classes
+        position, classes = index // num_classes, index % num_classes
+    if count <= topk_candidates or int(torch.bincount(classes).max()) <= topk_candidates:
+        return values, rows[position], classes
     # Some class has more than topk_candidates pairs among them: apply the per-class top-k first.
     per_class, row = scores.t().topk(min(topk_candidates, num_rows), dim=1)  # [K, k]
     keep = per_class > score_threshold
