@@ -8,6 +8,8 @@ Paths, timed in the same interleaved rounds (benchmarks/timing.py), network forw
    activations) calibrated on a few random normal images (the models have random weights: the
    latency does not depend on the values, the INT8 accuracy would, and is not measured here).
 SSDLite also gets one row with its postprocessing (ONNX Runtime fp32 + tasks.deploy.onnx_runtime.decode_detections).
+The fp32 file is exported with decode_in_graph=false: the network alone, like for like with the other paths;
+benchmarks/postprocess.py times the default export, whose graph ends in the dense part of the decoding.
 
 Achieved MAdds/s = the model's MAdds (tasks.analysis.complexity.count_complexity: conv + linear multiply-adds per
 image) / the path's median time; the peak is torch.mm on two size x size fp32 matrices with the same
@@ -130,7 +132,8 @@ def prepare(task: str, s: DeploySettings, workdir: Path, log=print) -> dict:
     images_cl = images.contiguous(memory_format=torch.channels_last)
 
     start = time.perf_counter()
-    fp32_path = export_model(model, cfg, workdir / f"{task}.onnx", opset=s.opset, dynamo=s.dynamo)
+    fp32_path = export_model(model, cfg, workdir / f"{task}.onnx", opset=s.opset, dynamo=s.dynamo,
+                             decode_in_graph=False)
     export_s = time.perf_counter() - start
     calibration = [(torch.randn(3, size, size, generator=generator),) for _ in range(s.calibration_images)]
     reader = ImageCalibrationReader(calibration, list(range(len(calibration))), "images")

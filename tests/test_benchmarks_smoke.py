@@ -205,7 +205,7 @@ def test_cli_runs_the_postprocess_section_at_tiny_sizes(tmp_path, monkeypatch, c
     results = json.loads(out.read_text())
     printed = capsys.readouterr().out
     section, checks = results["postprocess"], results["checks"]["postprocess"]
-    paths = (postprocess.EAGER, postprocess.PEER, postprocess.ORT, postprocess.ORT_SPIN)
+    paths = (postprocess.EAGER, postprocess.PEER, postprocess.ORT, postprocess.ORT_SPIN, postprocess.ORT_RAW)
     assert [(r["regime"], r["path"]) for r in section["rows"]] == [(g, p) for g in postprocess.REGIMES for p in paths]
     # Untrained: every class of all 96 anchors at 64 px (see the deploy test) passes; the realistic logits
     # leave only the planted objects (2 x 4 anchors) and a little background noise.

@@ -11,6 +11,7 @@ from helpers import ROOT
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tasks.deploy.in_graph import DECODED_OUTPUTS
 from tasks.deploy.int8 import quantize_checkpoint
 from tasks.deploy.onnx_runtime import OnnxModel
 from tasks.deploy.sidecar import read_sidecar
@@ -53,6 +54,9 @@ def test_int8_model_is_measured_against_fp32_and_tracks_its_outputs(task, artifa
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
     assert report["int8"]["size_mb"] < report["fp32"]["size_mb"]
     assert read_sidecar(int8_path)["quantization"]["format"] == "QDQ"
+    # no quantization step on the decoded outputs: the INT8 graph ends in the raw ones, and its sidecar says so
+    assert not {o.name for o in graph.output} & set(DECODED_OUTPUTS)
+    assert read_sidecar(int8_path)["decode_in_graph"] is False
 
     # Independently of the report: INT8 outputs follow fp32's on val images.
     images = _val_images(artifacts[task]["onnx"], 4)

@@ -101,12 +101,13 @@ def reference_with_cap(logits, regression, anchors, image_sizes, settings, nms_p
 def test_the_cap_keeps_the_best_candidates_and_bounds_nms(kind, monkeypatch):
     logits, regression, anchors = outputs(kind)
     nms_sizes = []
+    classwise_nms = postprocess_module._classwise_nms
 
     def recording_nms(boxes, scores, idxs, iou_threshold):
         nms_sizes.append(len(boxes))
-        return batched_nms(boxes, scores, idxs, iou_threshold)
+        return classwise_nms(boxes, scores, idxs, iou_threshold)
 
-    monkeypatch.setattr(postprocess_module, "batched_nms", recording_nms)
+    monkeypatch.setattr(postprocess_module, "_classwise_nms", recording_nms)
     ours = postprocess(logits, regression, anchors, SIZES, BoxCoder(WEIGHTS), **SETTINGS, nms_pre=500)
     assert_same(ours, reference_with_cap(logits, regression, anchors, SIZES, SETTINGS, 500))
     assert nms_sizes and max(nms_sizes) <= 500

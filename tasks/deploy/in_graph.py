@@ -26,6 +26,8 @@ from heads.ssdlite.box_coder import BoxCoder
 
 DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
 CANDIDATE_OUTPUTS = ("candidate_boxes", "candidate_scores")
+# decode_in_graph (tasks/deploy/onnx_export.py): SSDLite's dense decoding after its raw outputs; selection, NMS outside
+DECODED_OUTPUTS = ("class_scores", "best_class_score", "anchor_boxes")
 SEGMENTATION_OUTPUTS = ("labels",)
 
 

@@ -1,8 +1,10 @@
 """Post-training static INT8 quantization for CPUs (behind `python -m tasks.quantize`).
 
-The checkpoint is exported to fp32 ONNX (BatchNorm folded), pre-processed (shape inference + graph
-optimisation), then quantized by ONNX Runtime's `quantize_static`: QDQ format, int8 weights per output
-channel, uint8 activations whose ranges come from N training images passed through the val transforms.
+The checkpoint is exported to fp32 ONNX (BatchNorm folded), cut back to its raw outputs (an SSDLite graph's
+decode_in_graph outputs go, so that no quantization step lands on the scores or boxes: the INT8 model is
+decoded from its logits in Python), pre-processed (shape inference + graph optimisation), then quantized
+by ONNX Runtime's `quantize_static`: QDQ format, int8 weights per output channel, uint8 activations whose
+ranges come from N training images passed through the val transforms.
 Both models are then measured the same way: latency (median of `latency_runs` runs at batch 1) and the
 dataset's own metric on its val split through tasks.training.evaluation.evaluate. The comparison is printed as a table
 and written to quantize.json; an INT8 metric more than `max_metric_drop` below fp32 is flagged loudly.
@@ -22,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from tasks.deploy.in_graph import DECODED_OUTPUTS
 from tasks.deploy.onnx_export import export_model
 from tasks.deploy.onnx_runtime import OnnxModel
 from tasks.deploy.sidecar import read_sidecar, sidecar_path, write_json
@@ -105,10 +108,12 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, reader: ImageCalibrationRead
     calibration_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[method]
     prepared = int8_path.with_name(f"{int8_path.stem}.prep.onnx")
+    raw = int8_path.with_name(f"{int8_path.stem}.raw.onnx")
     ort_log = logging.getLogger("onnxruntime")
     previous = ort_log.level
     ort_log.setLevel(max(previous, logging.WARNING))  # it logs every pre-processing pass at INFO
     try:
+        fp32_path = _without_decoded_outputs(fp32_path, raw)
         try:
             quant_pre_process(str(fp32_path), str(prepared))
             source = prepared
@@ -120,8 +125,40 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, reader: ImageCalibrationRead
                         calibrate_method=calibration_method, extra_options={"WeightSymmetric": True})
     finally:
         prepared.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)
         ort_log.setLevel(previous)
     return int8_path
+
+
+def _without_decoded_outputs(path: Path, raw: Path) -> Path:
+    """`path`, or its graph cut back to the raw outputs (written to `raw`) if it ends in DECODED_OUTPUTS: those
+    outputs and the nodes only they need go (`anchors` is a constant, which onnx.utils.extract_model refuses)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    kept_outputs = [o for o in graph.output if o.name not in DECODED_OUTPUTS]
+    if len(kept_outputs) == len(graph.output):
+        return path
+    needed = {o.name for o in kept_outputs}
+    kept_nodes = []
+    for node in reversed(graph.node):
+        if needed & set(node.output):
+            kept_nodes.append(node)
+            needed |= set(node.input)
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.node[:]
+    graph.node.extend(reversed(kept_nodes))
+    onnx.save(model, str(raw))
+    return raw
+
+
+def _raw_outputs_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar entries that describe the outputs, for the INT8 graph (no DECODED_OUTPUTS)."""
+    names = [n for n in meta.get("output_names") or [] if n not in DECODED_OUTPUTS]
+    shapes = {n: s for n, s in (meta.get("output_shapes") or {}).items() if n not in DECODED_OUTPUTS}
+    return {"output_names": names, "output_shapes": shapes, "decode_in_graph": False}
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -144,7 +181,7 @@ def output_agreement(fp32: OnnxModel, int8: OnnxModel, images: list[np.ndarray])
     for image in images:
         a, b = fp32.run(image[None]), int8.run(image[None])
         for name in a:
-            if name != "anchors":
+            if name != "anchors" and name in b:  # the INT8 graph has no decode_in_graph outputs
                 collected.setdefault(name, []).append((a[name], b[name]))
     report: dict[str, float] = {}
     for name, pairs in collected.items():
@@ -231,9 +268,10 @@ def quantize_checkpoint(checkpoint: str | Path | None, out_dir: str | Path, cali
     indices = sorted(random.Random(seed).sample(range(len(train_set)), count))
     reader = ImageCalibrationReader(train_set, indices, meta["input_name"])
     int8_path = quantize_onnx(fp32_path, out_dir / f"{fp32_path.stem}.int8.onnx", reader, calibrate_method, per_channel)
-    int8_meta = meta | {"quantization": {"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8",
-                                         "activations": "uint8", "calibrate_method": calibrate_method,
-                                         "calibration_images": count, "source": fp32_path.name}}
+    int8_meta = meta | _raw_outputs_meta(meta)
+    int8_meta |= {"quantization": {"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8",
+                                   "activations": "uint8", "calibrate_method": calibrate_method,
+                                   "calibration_images": count, "source": fp32_path.name}}
     write_json(int8_meta, sidecar_path(int8_path))
 
     fp32, int8 = OnnxModel(fp32_path, threads=threads), OnnxModel(int8_path, threads=threads)

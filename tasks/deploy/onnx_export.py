@@ -4,8 +4,13 @@ BatchNorm is folded into the convolutions first (tasks/deploy/fold_bn.py). The g
 [batch, 3, H, W] (float32, RGB, normalised with the sidecar's mean/std; batch is dynamic, H and W are
 the training input size) and returns the model's raw outputs:
 - SSDLite: `cls_logits` [batch, A, K+1] (index 0 = background), `bbox_regression` [batch, A, 4] and
-  `anchors` [A, 4] (normalised cx, cy, w, h; a constant of the graph). Decoding + class-wise NMS is
-  `tasks.deploy.onnx_runtime.decode_detections`, which runs the head's own post-processing.
+  `anchors` [A, 4] (normalised cx, cy, w, h; a constant of the graph), then (`decode_in_graph`, the default)
+  the dense part of the decoding, which ONNX Runtime's kernels do far cheaper than Python after the call:
+  `class_scores` [batch, A, K] = softmax(cls_logits)[..., 1:], `best_class_score` [batch, A] (their maximum
+  per anchor) and `anchor_boxes` [batch, A, 4] (every anchor's box decoded, normalised xyxy, unclipped).
+  Candidate selection + class-wise NMS is `tasks.deploy.onnx_runtime.decode_detections`, which runs the head's
+  own post-processing, from those outputs when the graph gives them (the sidecar's `decode_in_graph`), else
+  from the raw ones; the detections are the same.
 - DeepLabv3: `logits` [batch, K, H/s, W/s], or at the input size with `upsample_logits=true`.
 Beside `model.onnx` goes `model.json` (the sidecar): task, input size, mean/std, class names, the
 COCO category ids, decoding settings, the exporter used, measured parity and the training config
@@ -28,8 +33,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from heads.ssdlite.box_coder import BoxCoder
+from heads.ssdlite.postprocess import foreground_scores
 from tasks.deploy.fold_bn import fold_batchnorm
-from tasks.deploy.in_graph import CANDIDATE_OUTPUTS, DETECTION_OUTPUTS, in_graph_wrapper, max_detections
+from tasks.deploy.in_graph import (
+    CANDIDATE_OUTPUTS,
+    DECODED_OUTPUTS,
+    DETECTION_OUTPUTS,
+    in_graph_wrapper,
+    max_detections,
+)
 from tasks.deploy.parity import check_in_graph_parity
 from tasks.deploy.sidecar import INPUT_NAME, model_metadata, refuse_to_overwrite, sidecar_path, write_json
 from tasks.errors import ConfigError
@@ -42,19 +55,26 @@ DEFAULT_OPSET = 18
 
 class ExportWrapper(nn.Module):
     """`forward(images)` -> a tuple of the model's outputs in `output_names` order (ONNX wants tensors,
-    not a dict); with `upsample_logits`, segmentation logits come out at the input size."""
+    not a dict); with `upsample_logits`, segmentation logits come out at the input size; DECODED_OUTPUTS among
+    the names: SSDLite's decoded outputs, computed with `box_coder` (the sidecar's weights)."""
 
-    def __init__(self, model: nn.Module, output_names: Sequence[str], upsample_logits: bool = False):
+    def __init__(self, model: nn.Module, output_names: Sequence[str], upsample_logits: bool = False,
+                 box_coder: BoxCoder | None = None):
         super().__init__()
         self.model = model
         self.output_names = tuple(output_names)
         self.upsample_logits = upsample_logits
+        self.box_coder = box_coder
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = dict(self.model(images))
         if self.upsample_logits and "logits" in outputs:
             outputs["logits"] = F.interpolate(outputs["logits"], size=images.shape[-2:], mode="bilinear",
                                               align_corners=False)
+        if DECODED_OUTPUTS[0] in self.output_names:
+            scores = foreground_scores(outputs["cls_logits"])
+            boxes = self.box_coder.decode(outputs["bbox_regression"], outputs["anchors"])
+            outputs |= dict(zip(DECODED_OUTPUTS, (scores, scores.amax(dim=-1), boxes)))
         return tuple(outputs[name] for name in self.output_names)
 
 
@@ -88,13 +108,15 @@ def _batched(name: str, tensor: torch.Tensor, batch: int) -> bool:
 
 def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int = DEFAULT_OPSET,
                  dynamo: bool = True, upsample_logits: bool = False, check: bool = True,
-                 check_tolerance: float = 1e-3, source: str | None = None, nms_in_graph: bool = False) -> Path:
+                 check_tolerance: float = 1e-3, source: str | None = None, nms_in_graph: bool = False,
+                 decode_in_graph: bool = True) -> Path:
     """Fold BN, export `model` to `path` (one self-contained .onnx file) and write the sidecar beside it.
 
     With `check`, ONNX Runtime runs the file on a random batch of 2 and a batch of 1; the largest
     absolute difference to PyTorch (the unfolded model) goes into the sidecar, and a difference above
     `check_tolerance` is an error. With `nms_in_graph`, the graph ends in the post-processing
-    (tasks/deploy/in_graph.py, tasks/deploy/onnx_nms.py) and the check compares final detections / label maps.
+    (tasks/deploy/in_graph.py, tasks/deploy/onnx_nms.py) and the check compares final detections / label maps;
+    otherwise, with `decode_in_graph`, an SSDLite graph also gives DECODED_OUTPUTS (the module's docstring).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +128,13 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
     with torch.no_grad():
         reference = dict(model(example))
     names = list(reference)
-    wrapper = ExportWrapper(folded, names, upsample_logits).eval()
+    decode_in_graph = bool(decode_in_graph and not nms_in_graph and "cls_logits" in reference)
+    box_coder = BoxCoder(tuple(meta["postprocess"]["box_coder_weights"])) if decode_in_graph else None
+    if decode_in_graph:
+        names += DECODED_OUTPUTS
+        with torch.no_grad():
+            reference = dict(zip(names, ExportWrapper(model, names, box_coder=box_coder).eval()(example)))
+    wrapper = ExportWrapper(folded, names, upsample_logits, box_coder).eval()
     if nms_in_graph:
         wrapper, names = in_graph_wrapper(folded, meta)
         reference = dict(zip(names, wrapper(example)))
@@ -152,11 +180,12 @@ def export_model(model: nn.Module, cfg: DictConfig, path: str | Path, opset: int
             "source_checkpoint": source,
             "train_config": OmegaConf.to_container(cfg, resolve=True),
             "postprocess_in_graph": bool(nms_in_graph),
+            "decode_in_graph": decode_in_graph,
         }
         if check and nms_in_graph:
             meta["parity"] = check_in_graph_parity(_ort_runner(tmp), model, meta, example)
         elif check:  # against the original, unfolded model
-            unfolded = ExportWrapper(model, names, upsample_logits).eval()
+            unfolded = ExportWrapper(model, names, upsample_logits, box_coder).eval()
             meta["parity"] = check_parity(tmp, unfolded, names, example, check_tolerance)
         os.replace(tmp, path)
     finally:

@@ -11,6 +11,9 @@ Post-processing of the raw SSDLite outputs (documented here because the graph st
    h = exp(dh / 5) * h_a (weights = sidecar postprocess.box_coder_weights; exp's input is clamped at
    log(1000 / 16)), then xyxy, scaled by the image's (w, h) and clipped to it;
 2. scores = softmax(cls_logits)[..., 1:] (column 0 is background);
+   a graph exported with decode_in_graph (the default; the sidecar's `decode_in_graph`) already gives
+   the scores (`class_scores`), each anchor's best score (`best_class_score`) and each anchor's decoded
+   box before scaling (`anchor_boxes`), and decode_detections starts from those;
 3. per class, the `topk_candidates` best anchors, kept when score > `score_threshold`;
 4. at most `nms_pre` of those, the best over all classes (absent or null: no cap);
 5. class-wise NMS at `nms_iou_threshold`, then the `detections_per_image` best per image.

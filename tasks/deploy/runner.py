@@ -5,7 +5,8 @@ the same per-image results as the head's `predict`, so tasks.predict and the eva
 (tasks.training.evaluation.evaluate) take any runtime. A subclass only says how to run the file
 (`_run`: numpy images -> numpy outputs); `load_deployed(path, runtime)` picks the subclass by the
 runtime the user named. The outputs it decodes, by what the graph ends in:
-- raw head outputs (`cls_logits`/`bbox_regression`/`anchors`, or `logits`): the head's own decoding;
+- raw head outputs (`cls_logits`/`bbox_regression`/`anchors`, or `logits`): the head's own decoding, from
+  `class_scores`/`best_class_score`/`anchor_boxes` when the graph also gives them (decode_in_graph);
 - `candidate_boxes`/`candidate_scores` (decoding and top-k inside, NMS outside): in_graph.select_detections;
 - `boxes`/`scores`/`labels`/`num_detections` (all inside), or a `labels` map at the input size.
 """
@@ -21,7 +22,7 @@ import torch
 from heads.deeplabv3 import logits_to_label_maps
 from heads.ssdlite.box_coder import BoxCoder
 from heads.ssdlite.postprocess import postprocess
-from tasks.deploy.in_graph import detections_to_results, label_maps_to_results, select_detections
+from tasks.deploy.in_graph import DECODED_OUTPUTS, detections_to_results, label_maps_to_results, select_detections
 from tasks.deploy.sidecar import read_sidecar
 from tasks.errors import ConfigError
 
@@ -40,12 +41,15 @@ def _tensor(x: ArrayLike) -> torch.Tensor:
 def decode_detections(outputs: Mapping[str, ArrayLike], image_sizes: Sequence[tuple[int, int]],
                       settings: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
     """Raw SSDLite outputs (numpy or torch) -> per image {"boxes" xyxy pixels of (h, w), "scores",
-    "labels" 0..K-1}; `settings` is the sidecar's "postprocess" entry."""
-    return postprocess(_tensor(outputs["cls_logits"]), _tensor(outputs["bbox_regression"]),
-                       _tensor(outputs["anchors"]), image_sizes,
+    "labels" 0..K-1}; `settings` is the sidecar's "postprocess" entry. Outputs that also hold `class_scores`,
+    `best_class_score` and `anchor_boxes` (a graph exported with decode_in_graph) are decoded from those: the
+    same detections, without the dense softmax and box decoding after the call."""
+    decoded = {name: _tensor(outputs[name]) for name in DECODED_OUTPUTS if name in outputs}
+    return postprocess(None if "class_scores" in decoded else _tensor(outputs["cls_logits"]),
+                       _tensor(outputs["bbox_regression"]), _tensor(outputs["anchors"]), image_sizes,
                        BoxCoder(tuple(settings["box_coder_weights"])), float(settings["score_threshold"]),
                        int(settings["topk_candidates"]), float(settings["nms_iou_threshold"]),
-                       int(settings["detections_per_image"]), settings.get("nms_pre"))
+                       int(settings["detections_per_image"]), settings.get("nms_pre"), **decoded)
 
 
 def decode_segmentation(logits: ArrayLike, image_sizes: Sequence[Sequence[int]],
