@@ -167,8 +167,11 @@ def test_a_real_ctrl_c_keeps_last_ckpt_and_exits_130(tmp_path):
     overrides = ["experiment=demo_ssdlite_shapes", "epochs=50", "batch_size=2", "backbone.width_mult=0.25",
                  "head.extra_depths=[32,32]", "checkpoint_every_steps=1", "threads=1",
                  *tiny_shapes_overrides(tmp_path / "shapes_det", "coco", 8, 4, 64), f"hydra.run.dir={run_dir}"]
+    # A runner started as a background job (`cmd &` without job control) ignores SIGINT, and so would the training
+    # process it starts: Python installs no KeyboardInterrupt handler then. A user's Ctrl-C meets the default.
     proc = subprocess.Popen([sys.executable, "-m", "tasks.train", *overrides], cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (run_dir / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
