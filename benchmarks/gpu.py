@@ -295,12 +295,7 @@ def detection_train(s: GpuSettings, clock: Clock) -> dict:
                              peer_of=lambda k: ("torchvision", k[1], k[2]) if k[0] == "ours" else None,
                              base_of=lambda k: (k[0], "NCHW", "fp32"))
         results += rows
-        tables.append(markdown(
-            ["batch", "model", "layout", "precision", "ms [q1, q3]", "images/s", "ours / torchvision",
-             "vs own NCHW fp32"],
-            [[r["batch"], *r["key"], bracket(r["time_ms"]), r["images_per_s"],
-              bracket(r["ours_over_peer"]) if "ours_over_peer" in r else "",
-              bracket(r["over_nchw_fp32"]) if "over_nchw_fp32" in r else ""] for r in rows]))
+        tables.append(training_table(rows, with_peer=True))
         del builders, samples
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -309,6 +304,19 @@ def detection_train(s: GpuSettings, clock: Clock) -> dict:
     return {"result": {"rows": results, "failures": failures, "size": size, "classes": s.det_classes,
                        "fastest": fastest(results)},
             "table": "\n\n".join([title, *tables, f"fastest: {fastest(results)}"])}
+
+
+def training_table(rows: list[dict], with_peer: bool) -> str:
+    """One batch size's training rows as markdown; `with_peer`: the ours / torchvision column too."""
+    peer = ["ours / torchvision"] if with_peer else []
+    headers = ["batch", "model", "layout", "precision", "ms [q1, q3]", "images/s", *peer,
+               "vs own NCHW fp32" if with_peer else "vs NCHW fp32"]
+    cells = []
+    for r in rows:
+        ratio = [bracket(r["ours_over_peer"]) if "ours_over_peer" in r else ""] if with_peer else []
+        cells.append([r["batch"], *r["key"], bracket(r["time_ms"]), r["images_per_s"], *ratio,
+                      bracket(r["over_nchw_fp32"]) if "over_nchw_fp32" in r else ""])
+    return markdown(headers, cells)
 
 
 def segmentation_train(s: GpuSettings, clock: Clock) -> dict:
@@ -340,10 +348,7 @@ def segmentation_train(s: GpuSettings, clock: Clock) -> dict:
         failures.update({f"batch {batch}: {k}": v for k, v in failed.items()})
         rows = training_rows(samples, keys, batch, peer_of=lambda k: None, base_of=lambda k: (k[0], "NCHW", "fp32"))
         results += rows
-        tables.append(markdown(["batch", "model", "layout", "precision", "ms [q1, q3]", "images/s",
-                                "vs NCHW fp32"],
-                               [[r["batch"], *r["key"], bracket(r["time_ms"]), r["images_per_s"],
-                                 bracket(r["over_nchw_fp32"]) if "over_nchw_fp32" in r else ""] for r in rows]))
+        tables.append(training_table(rows, with_peer=False))
         del builders, samples
         if device.type == "cuda":
             torch.cuda.empty_cache()
