@@ -107,6 +107,11 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
     optimizer = build_optimizer(instantiate(cfg.optim.optimizer, lr=lr), model, cfg.optim.weight_decay,
                                 cfg.optim.norm_bias_decay)
     steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:  # full batches only: fewer images than one batch would train nothing, silently
+        raise ConfigError(f"the train split holds {len(train_set)} images, fewer than one batch of batch_size="
+                          f"{cfg.batch_size} per process x {dist.world_size()} processes, so no step would run; "
+                          f"expected batch_size={max(1, len(train_set) // dist.world_size())} or smaller, or more "
+                          f"training images.")
     scheduler = scheduler_from_config(optimizer, OmegaConf.to_container(cfg.schedule, resolve=True),
                                       cfg.epochs * steps_per_epoch, steps_per_epoch)
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -88,3 +88,16 @@ def test_num_classes_that_disagree_with_a_checkpoint_name_both(tmp_path, caplog)
     lines = [r.getMessage() for r in caplog.records if "no longer fit" in r.getMessage()]
     assert len(lines) == 1 and "head.cls_predictors" in lines[0] and "backbone." not in lines[0]
     assert (tmp_path / "run2" / "last.ckpt").exists()
+
+
+def test_a_train_split_smaller_than_one_batch_stops_before_training(tmp_path):
+    """Full batches only: 8 images at batch_size=16 would run no step at all; it says so instead."""
+    cfg = compose_train(["experiment=demo_ssdlite_shapes", "epochs=1", "batch_size=16", "backbone.width_mult=0.25",
+                         "head.extra_depths=[32,32]", "threads=1",
+                         *tiny_shapes_overrides(tmp_path / "shapes_det", "coco", num_train=8, num_val=2, size=64)])
+    with pytest.raises(ConfigError) as err:
+        train(cfg, tmp_path / "run")
+    assert str(err.value) == ("the train split holds 8 images, fewer than one batch of batch_size=16 per process x 1 "
+                              "processes, so no step would run; expected batch_size=8 or smaller, or more training "
+                              "images.")
+    assert one_sentence(str(err.value)) and not (tmp_path / "run" / "last.ckpt").exists()
