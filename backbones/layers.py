@@ -22,13 +22,17 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-class StridedDepthwiseConv2d(nn.Conv2d):
-    """A depthwise conv with stride > 1 that stays in fp32 under CPU autocast.
+class Fp32DepthwiseConv2d(nn.Conv2d):
+    """A strided or dilated depthwise conv that stays in fp32 under CPU autocast.
 
-    oneDNN's bf16 backward of a strided depthwise conv is far slower than its fp32 one (at batch 16,
-    96 channels, 160x160 -> 80x80: ~12x; one thread, torch 2.14), while the stride-1 ones and every other
-    layer gain from bf16. In MobileNetV2 + SSDLite these few layers took ~35% of a bf16 training step. The
-    weights, the state dict and everything outside CPU autocast are those of nn.Conv2d.
+    oneDNN's bf16 backward of these is slower than its fp32 one, while the plain stride-1 depthwise convs
+    and every other layer gain from bf16 (one thread, torch 2.14):
+    - strided: ~12x (batch 16, 96 channels, 160x160 -> 80x80); in MobileNetV2 + SSDLite these few layers
+      took ~35% of a bf16 training step;
+    - dilated (DeepLab's output stride 16 and 8): 2-3x, and worse, in channels_last its weight gradient
+      reads memory it never wrote: it came out right only while that memory was fresh zero pages from the
+      system, and was NaN with reused memory (`cpu_memory=reuse`, tests/test_cpu_memory.py).
+    The weights, the state dict and everything outside CPU autocast are those of nn.Conv2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +58,8 @@ class ConvBNAct(nn.Sequential):
         norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         padding = (kernel_size - 1) // 2 * dilation
-        strided_depthwise = stride > 1 and groups > 1 and groups == in_channels == out_channels
-        conv = StridedDepthwiseConv2d if strided_depthwise else nn.Conv2d
+        depthwise = groups > 1 and groups == in_channels == out_channels
+        conv = Fp32DepthwiseConv2d if depthwise and (stride > 1 or dilation > 1) else nn.Conv2d
         layers = OrderedDict(
             conv=conv(in_channels, out_channels, kernel_size, stride, padding,
                       dilation=dilation, groups=groups, bias=False),

@@ -12,10 +12,10 @@ import copy
 import torch
 from torch import nn
 
-from backbones.layers import StridedDepthwiseConv2d
+from backbones.layers import Fp32DepthwiseConv2d
 
-# Convs whose forward is nn.Conv2d's in eval: StridedDepthwiseConv2d differs only under CPU autocast (training)
-FOLDABLE_CONVS = (nn.Conv2d, StridedDepthwiseConv2d)
+# Convs whose forward is nn.Conv2d's in eval: Fp32DepthwiseConv2d differs only under CPU autocast (training)
+FOLDABLE_CONVS = (nn.Conv2d, Fp32DepthwiseConv2d)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
