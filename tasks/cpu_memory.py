@@ -18,6 +18,8 @@ import platform
 
 import torch
 
+from tasks.errors import ConfigError
+
 CHOICES = ("reuse", "system")
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -47,10 +49,15 @@ def reuse_freed_memory() -> tuple[bool, str]:
     return True, "freed tensor memory is kept for the next step (glibc malloc without mmap), so steps do not page-fault"
 
 
+def check_cpu_memory(mode: object) -> None:
+    if mode not in CHOICES:
+        raise ConfigError(f"cpu_memory={mode} is not allowed; expected reuse (freed tensor memory stays in the "
+                          f"process, so CPU steps do not page-fault) or system (the C library's default).")
+
+
 def apply_cpu_memory(mode: str, device: torch.device) -> str:
     """Apply `cpu_memory` (reuse | system) for a run on `device`; returns the line to log."""
-    if mode not in CHOICES:
-        raise ValueError(f"cpu_memory={mode!r} is not allowed; expected one of {', '.join(CHOICES)}.")
+    check_cpu_memory(mode)
     if mode == "system":
         return "cpu_memory=system: the C library's default allocation"
     if device.type != "cpu":
@@ -58,4 +65,4 @@ def apply_cpu_memory(mode: str, device: torch.device) -> str:
     return f"cpu_memory=reuse: {reuse_freed_memory()[1]}"
 
 
-__all__ = ["CHOICES", "KEEP_FREE_TOP_UP_TO", "apply_cpu_memory", "reuse_freed_memory"]
+__all__ = ["CHOICES", "KEEP_FREE_TOP_UP_TO", "apply_cpu_memory", "check_cpu_memory", "reuse_freed_memory"]

@@ -3,6 +3,7 @@ file: `python -m tasks.evaluate runtime=onnxruntime|litert|executorch artifact=m
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,12 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from tasks.analysis.evaluation_report import for_report, normalisation, write_config, write_evaluation_report
 from tasks.cli import CONFIG_DIR, run
+from tasks.cpu_memory import apply_cpu_memory, check_cpu_memory
 from tasks.errors import ConfigError, user_errors_exit
 from tasks.resolve import instantiate_from_file
 from tasks.training import distributed as dist
 from tasks.training.evaluation import evaluate as run_evaluation
 from tasks.training.loaders import build_loader
 from tasks.training.trained import load_trained_model, rebase_dataset_root
+
+log = logging.getLogger(__name__)
 
 
 def load_deployed_with_config(artifact: str | Path, runtime: str, dataset_root: str | None = None,
@@ -41,10 +45,11 @@ def evaluate_checkpoint(checkpoint: str | Path | None, run_dir: str | Path, data
                         multiscale_flip: Sequence[float] | None = None,
                         trusted_targets: Sequence[str] = (), channels_last: bool = True,
                         report: bool = True, runtime: str = "pytorch", artifact: str | Path | None = None,
-                        threads: int | None = None) -> dict[str, float]:
+                        threads: int | None = None, cpu_memory: str = "reuse") -> dict[str, float]:
     """Metrics of a checkpoint (runtime=pytorch) or of a deployed `artifact` (runtime=onnxruntime|litert|
     executorch) on the val split, written to run_dir/metrics.json; with `report`, also the pictures and
-    report.html (tasks/analysis/evaluation_report.py) in run_dir."""
+    report.html (tasks/analysis/evaluation_report.py) in run_dir. `cpu_memory`: tasks/cpu_memory.py."""
+    check_cpu_memory(cpu_memory)
     if runtime == "pytorch":
         if not checkpoint:
             raise ConfigError("checkpoint is required but was not given; expected checkpoint=<value> on the command "
@@ -63,6 +68,9 @@ def evaluate_checkpoint(checkpoint: str | Path | None, run_dir: str | Path, data
         raise ConfigError(f"multiscale_flip={list(multiscale_flip)} is the segmentation papers' MF inference; "
                           f"the checkpoint's head is {cfg.head.get('task')}, expected segmentation (or null).")
     device = dist.init_from_env()
+    memory = apply_cpu_memory(cpu_memory, device)
+    if dist.is_main():
+        log.info(memory)
     if runtime == "pytorch":
         model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     val_set = instantiate_from_file(cfg.dataset.val, source, trusted_targets)
@@ -97,7 +105,7 @@ def main(cfg: DictConfig) -> None:
     metrics = evaluate_checkpoint(cfg.checkpoint, run_dir, cfg.dataset.root, cfg.batch_size,
                                   cfg.num_workers, cfg.progress, cfg.multiscale_flip, list(cfg.trusted_targets),
                                   cfg.get("channels_last", True), cfg.report, cfg.get("runtime", "pytorch"),
-                                  cfg.get("artifact"), cfg.threads)
+                                  cfg.get("artifact"), cfg.threads, cfg.get("cpu_memory", "reuse"))
     if dist.is_main():
         print(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         print(f"metrics written to {Path(run_dir) / 'metrics.json'}")

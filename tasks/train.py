@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.cli import CONFIG_DIR, run
+from tasks.cpu_memory import apply_cpu_memory
 from tasks.datasets.check import check_dataset
 from tasks.errors import ConfigError, Interrupted, user_errors_exit
 from tasks.training import distributed as dist
@@ -71,6 +72,9 @@ def _train_in(cfg: DictConfig, run_dir: str, device: torch.device) -> dict[str, 
         torch.set_num_threads(loading.threads)
     if cfg.num_workers == "auto" and dist.is_main():
         log.info(loading.why)
+    memory = apply_cpu_memory(cfg.cpu_memory, device)
+    if dist.is_main():
+        log.info(memory)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)  # same initial weights on every rank

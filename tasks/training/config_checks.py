@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from backbones.base import OUTPUT_STRIDES
+from tasks.cpu_memory import check_cpu_memory
 from tasks.errors import ConfigError
 
 TASK_DATASETS = {"detection": "coco, voc_det, shapes_det", "segmentation": "voc_seg, shapes_seg"}
@@ -58,6 +59,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"num_workers={workers} is not allowed; expected an integer >= 0 (DataLoader worker "
                           f"processes) or auto (tasks/training/workers.py: none on a CPU of fewer than 8 "
                           f"cores, where they would slow the step).")
+    check_cpu_memory(cfg.cpu_memory)
     for key in ("max_bad_samples", "checkpoint_every_steps"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]} is not allowed; expected an integer >= 0.")

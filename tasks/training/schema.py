@@ -40,6 +40,7 @@ class TrainSchema:
     resume: Any = False            # true, or the path of a checkpoint
     init_from: str | None = None
     threads: int | None = None
+    cpu_memory: str = "reuse"       # reuse | system (tasks/cpu_memory.py)
     backbone: Any = None
     head: Any = None
     dataset: Any = None
