@@ -119,22 +119,28 @@ def run_all(plan: Plan, only: Sequence[str] = TASKS, log=print) -> dict:
 
 
 def format_table(results: dict) -> str:
-    header = (f"{'model':<52} {'params M':>8} {'MAdds B':>8} {'median ms':>10} {'IQR ms':>8}  "
-              f"ratio vs peer [q1, q3]")
+    width = max([52, *(len(row["model"]) for row in results["rows"])])
+    header = (f"{'model':<{width}} {'params M':>8} {'MAdds B':>8} {'median ms':>10} {'IQR ms':>8}  "
+              f"{'ratio vs peer [q1, q3]':<22}")
+    faults = "  page faults/step"  # rows timed in a child process (benchmarks/processes.py) count them
     lines, measure = [], None
     for row in results["rows"]:
         if (row["task"], row["measure"]) != measure:
             measure = (row["task"], row["measure"])
-            lines += ["", f"{row['task']}: {row['measure']}", header, "-" * len(header)]
+            top = header + (faults if "minor_faults_per_step" in row else "")
+            lines += ["", f"{row['task']}: {row['measure']}", top.rstrip(), "-" * len(top.rstrip())]
         elif row["role"] == "ours" and len(lines) and not lines[-1].startswith("-"):
             lines.append("")  # next pair under the same measure
         t, r = row["time_ms"], row["ratio"]
         ratio = f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]" if r else "(peer)"
-        lines.append(f"{row['model']:<52} {row['params'] / 1e6:>8.2f} {row['madds'] / 1e9:>8.2f} "
-                     f"{t['median']:>10.1f} {t['iqr']:>8.1f}  {ratio}")
+        line = (f"{row['model']:<{width}} {row['params'] / 1e6:>8.2f} {row['madds'] / 1e9:>8.2f} "
+                f"{t['median']:>10.1f} {t['iqr']:>8.1f}  {ratio:<22}")
+        if "minor_faults_per_step" in row:
+            line += f"  {row['minor_faults_per_step']['median']:>{len(faults) - 2},.0f}"
+        lines.append(line.rstrip())
     if results["rows"]:
-        lines += ["", "ratio = our time / torchvision's time, median over interleaved rounds "
-                      "(< 1: ours is faster)"]
+        lines += ["", "ratio = the upper row's time / the lower row's: ours / torchvision's, unless the measure names "
+                      "two of ours; median of per-round ratios over interleaved rounds (< 1: the upper row is faster)"]
     for task, module in SECTIONS.items():
         if task in results:
             lines += module.format_table(results[task]).splitlines()
