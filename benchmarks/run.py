@@ -1,4 +1,4 @@
-"""Side-by-side speed against torchvision, in one process, reported as ratios.
+"""Side-by-side speed against torchvision in interleaved rounds, reported as ratios.
 
     python -m benchmarks.run                 # full run (~5 minutes on 2 cores, deploy + data ~1.7 of them)
     python -m benchmarks.run --quick         # few repeats, to check that everything runs
@@ -45,6 +45,8 @@ class Plan:
 # Full: 4.4 min of CPU time with 2 threads, so about 3 min on 2 idle cores; 8.5 min measured with the load
 # average at 3-7 on 2 cores (other jobs running), where the figures are not worth quoting anyway.
 # deploy + data: 99 s measured on 2 idle cores (load average 1.5 -> 1.9), exports and quantization included.
+# Not yet re-measured since detection's training rows grew from 4 contenders x 5 rounds to 6 x 7 (two child
+# processes, benchmarks/processes.py): about 22 more steps of ~1.3-2.7 s on 2 cores.
 FULL = Plan(detection.DetectionSettings(), segmentation.SegmentationSettings())
 QUICK = Plan(detection.DetectionSettings(train_repeats=1, train_warmup=1, infer_repeats=3, warmup=1),
              segmentation.SegmentationSettings(repeats=2, warmup=1),
@@ -139,8 +141,9 @@ def format_table(results: dict) -> str:
             line += f"  {row['minor_faults_per_step']['median']:>{len(faults) - 2},.0f}"
         lines.append(line.rstrip())
     if results["rows"]:
-        lines += ["", "ratio = the upper row's time / the lower row's: ours / torchvision's, unless the measure names "
-                      "two of ours; median of per-round ratios over interleaved rounds (< 1: the upper row is faster)"]
+        lines += ["", "ratio = the upper row's time / the lower row's (ours / torchvision's, unless the measure names "
+                      "two of ours),", "median of the per-round ratios over interleaved rounds (< 1: the upper row is "
+                      "faster)"]
     for task, module in SECTIONS.items():
         if task in results:
             lines += module.format_table(results[task]).splitlines()
