@@ -14,6 +14,7 @@ stopped and reaped (`step_processes` closes them on the way out, also when an ex
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import resource
@@ -64,6 +65,11 @@ def _serve(connection, builder: Callable[..., Mapping[str, Callable[[], object]]
             applied, allocator = False, "the C library's default allocation (glibc: large blocks mmapped afresh)"
         torch.set_num_threads(threads)
         steps = dict(builder(*args))
+        # As timing.interleaved does in its rounds: no collection inside a timed call. A collection between
+        # calls would land in the next one's time here (the parent's clock runs from request to reply), so the
+        # collector stays off for the child's few steps; reference counting still frees every tensor.
+        gc.collect()
+        gc.disable()
         connection.send(("ready", ChildInfo(label, os.getpid(), cpu_memory, applied, allocator,
                                             torch.get_num_threads(), tuple(steps))))
         while (name := connection.recv()) is not None:
