@@ -8,11 +8,16 @@ runs with `reduced_first_map=False`, which is that box set (6 boxes per location
 Before timing, the peer receives our weights (both have the same tensors in the same order), so both
 compute the same detections and the postprocessing does the same amount of work on each side; the
 checks (parameter counts, MAdds, raw outputs, detections, first-step losses) go into the results.
+
+The checks and the inference rows run in this process. The training contenders run in two spawned child
+processes (benchmarks/processes.py), one with the C library's malloc and one with `cpu_memory=reuse`, as
+tasks.train sets it on a CPU; the parent times each step by name in interleaved rounds across both.
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -30,16 +35,35 @@ from heads.ssdlite.box_coder import cxcywh_to_xyxy
 from tasks.analysis.complexity import count_complexity
 from tasks.training.model import BackboneWithHead
 
+from .processes import StepProcess, StepReply, step_processes
 from .timing import interleaved, paired_ratio, result_row, summarise
 
 OURS = "ours: SSDLite-MobileNetV2"
 PEER = "torchvision: SSD + SSDLiteHead on mobilenet_v2"
 TRANSFORM = "torchvision: SSD.transform alone"
-CL = " (channels_last)"
-# Training defaults: ours is conf/train.yaml's channels_last; torchvision's detection reference scripts
-# (references/detection/train.py, SSDLite recipe) train in the default NCHW layout, fp32, SGD.
-OURS_DEFAULT = f"{OURS}{CL}, our default"
-PEER_DEFAULT = f"{PEER} (NCHW), its reference default"
+# Training contenders run in child processes (benchmarks/processes.py), one per `cpu_memory` setting
+# (tasks/cpu_memory.py): glibc's malloc cannot be switched back within a process, so it is a process's setting.
+SYSTEM, REUSE = "system", "reuse"  # the children's labels, and their cpu_memory setting
+NCHW, CHANNELS_LAST = "NCHW", "channels_last"
+NCHW_SYSTEM = f" ({NCHW}, cpu_memory={SYSTEM})"
+CL_SYSTEM = f" ({CHANNELS_LAST}, cpu_memory={SYSTEM})"
+CL_REUSE = f" ({CHANNELS_LAST}, cpu_memory={REUSE})"
+# Training defaults: ours is tasks.train's on a CPU, channels_last with cpu_memory=reuse (conf/train.yaml);
+# torchvision's detection reference scripts (references/detection/train.py, SSDLite recipe) train in the default
+# NCHW layout, fp32, SGD, with the C library's allocator.
+OURS_DEFAULT = f"{OURS}{CL_REUSE}, our default"
+PEER_DEFAULT = f"{PEER}{NCHW_SYSTEM}, its reference default"
+# Each timed training contender: (child process, side, layout). A child builds only the contenders it holds.
+TRAIN_CONTENDERS = {
+    OURS + NCHW_SYSTEM: (SYSTEM, "ours", NCHW),
+    PEER + NCHW_SYSTEM: (SYSTEM, "peer", NCHW),
+    OURS + CL_SYSTEM: (SYSTEM, "ours", CHANNELS_LAST),
+    PEER + CL_SYSTEM: (SYSTEM, "peer", CHANNELS_LAST),
+    OURS + CL_REUSE: (REUSE, "ours", CHANNELS_LAST),
+    PEER + CL_REUSE: (REUSE, "peer", CHANNELS_LAST),
+}
+# The rows that share a contender's samples under another name.
+TRAIN_ALIASES = {OURS_DEFAULT: OURS + CL_REUSE, PEER_DEFAULT: PEER + NCHW_SYSTEM}
 
 
 @dataclass(frozen=True)
@@ -49,7 +73,11 @@ class DetectionSettings:
     train_batch: int = 16
     infer_batch: int = 1
     train_repeats: int = 4
-    train_warmup: int = 1
+    # The cpu_memory=reuse child's heap still grows over its first steps (its two contenders alternate, and glibc
+    # cannot serve an aligned request from a freed chunk of exactly that size until neighbours coalesce): at 320,
+    # batch 4, its page faults per step went 176k, 13k, 19k, 0, 4k. Three untimed rounds keep that out of the
+    # timing; each row records its faults per step (warm-up rounds apart) to show it.
+    train_warmup: int = 3
     infer_repeats: int = 20
     warmup: int = 2  # inference
     max_boxes_per_image: int = 5
@@ -185,21 +213,114 @@ def _fail_if_different(checks: dict, tolerance: float = 1e-3) -> None:
                            f"the two architectures are not the same, so their timings would not compare.")
 
 
-def run(settings: DetectionSettings, log=print) -> dict:
-    s = settings
+@dataclass(frozen=True)
+class DetectionInputs:
+    infer_images: Tensor
+    train_images: Tensor
+    ours_targets: list[dict]
+    peer_targets: list[dict]
+
+
+def build_models(s: DetectionSettings) -> tuple[BackboneWithHead, SSD]:
+    """Ours from `s.seed`, and the peer holding our weights: the same models in every process."""
     torch.manual_seed(s.seed)
     ours = build_ours(s.num_classes)
     peer = build_peer(s.num_classes, s.input_size, ours.head)
+    copy_weights(ours, peer)
+    return ours, peer
+
+
+def draw_inputs(s: DetectionSettings) -> DetectionInputs:
+    """Inference images, training images and targets from `s.seed`: the same tensors in every process."""
+    generator = torch.Generator().manual_seed(s.seed)
+    size = s.input_size
+    infer_images = torch.randn(s.infer_batch, 3, size, size, generator=generator)
+    train_images = torch.randn(s.train_batch, 3, size, size, generator=generator)
+    ours_targets, peer_targets = random_targets(s.train_batch, size, s.num_classes, s.max_boxes_per_image,
+                                                generator)
+    return DetectionInputs(infer_images, train_images, ours_targets, peer_targets)
+
+
+def training_steps(s: DetectionSettings, contenders: tuple[tuple[str, str], ...]) -> dict[str, Callable[[], None]]:
+    """{"<side> <layout>": one training step} for each (side, layout) asked for, side ours | peer, layout NCHW |
+    channels_last: zero_grad, forward, loss, backward, SGD step at batch train_batch, on a copy of the model
+    (own weights, own optimizer) in that layout. The builder of benchmarks/processes.py's children."""
+    ours, peer = build_models(s)
+    inputs = draw_inputs(s)
+    formats = {NCHW: torch.contiguous_format, CHANNELS_LAST: torch.channels_last}
+
+    def ours_step(model, images):
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            losses = model.loss(model(images), inputs.ours_targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return step
+
+    def peer_step(model, images):
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            losses = model(images, inputs.peer_targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return step
+
+    steps = {}
+    for side, layout in contenders:
+        memory_format = formats[layout]
+        model = copy.deepcopy({"ours": ours, "peer": peer}[side]).to(memory_format=memory_format).train()
+        images = inputs.train_images.contiguous(memory_format=memory_format)
+        steps[f"{side} {layout}"] = ours_step(model, images) if side == "ours" else peer_step(model, list(images))
+    return steps
+
+
+def time_training(s: DetectionSettings, log=print) -> tuple[dict[str, list[float]], dict[str, dict], dict]:
+    """TRAIN_CONTENDERS in interleaved rounds, each in its child process; the parent's clock times each call.
+
+    Returns the milliseconds per contender, per contender where it ran and its page faults per step, and
+    the children's info.
+    """
+    held = {label: tuple((side, layout) for child, side, layout in TRAIN_CONTENDERS.values() if child == label)
+            for label in (SYSTEM, REUSE)}
+    children = {label: StepProcess(label, training_steps, s, contenders, cpu_memory=label)
+                for label, contenders in held.items()}
+    replies: dict[str, list[StepReply]] = {name: [] for name in TRAIN_CONTENDERS}
+    with step_processes(*children.values()):
+        for child in children.values():
+            info = child.info
+            log(f"detection: training process {info.label!r} (pid {info.pid}, {info.threads} threads): "
+                f"{info.allocator}")
+        # The pipe's round trip (pickling a name and a small reply) takes microseconds, against steps of a
+        # second or more; only one process computes at a time, as the parent waits on each reply.
+        samples = interleaved({name: children[child].caller(f"{side} {layout}", replies[name])
+                               for name, (child, side, layout) in TRAIN_CONTENDERS.items()},
+                              s.train_repeats, s.train_warmup)
+    where = {}
+    for name, (child, _, layout) in TRAIN_CONTENDERS.items():
+        info = children[child].info
+        faults = [r.minor_faults for r in replies[name]]  # one call per round, the warm-up rounds first
+        where[name] = {"process": child, "pid": info.pid, "cpu_memory": info.cpu_memory,
+                       "memory_reuse_applied": info.memory_reuse_applied, "layout": layout,
+                       "minor_faults_per_step": summarise(faults[s.train_warmup:]).as_dict(),
+                       "minor_faults_samples": faults[s.train_warmup:], "minor_faults_warmup": faults[:s.train_warmup]}
+    return samples, where, {label: asdict(child.info) for label, child in children.items()}
+
+
+def run(settings: DetectionSettings, log=print) -> dict:
+    s = settings
+    ours, peer = build_models(s)
     params_ours, params_peer = count_params(ours), count_params(peer)
     log(f"detection: params ours {params_ours:,} / torchvision {params_peer:,}")
     if params_ours != params_peer:
         raise RuntimeError(f"parameter counts differ (ours {params_ours:,}, torchvision {params_peer:,}); "
                            f"the peer is not the same architecture.")
-    copy_weights(ours, peer)
-
-    generator = torch.Generator().manual_seed(s.seed)
+    inputs = draw_inputs(s)
     size = s.input_size
-    infer_images = torch.randn(s.infer_batch, 3, size, size, generator=generator)
+    infer_images = inputs.infer_images
     checks = {"params_ours": params_ours, "params_peer": params_peer}
     complexity = {OURS: count_complexity(ours, infer_images[:1]), PEER: count_complexity(peer, infer_images[:1])}
     checks["madds_ours"], checks["madds_peer"] = complexity[OURS].madds, complexity[PEER].madds
@@ -209,7 +330,8 @@ def run(settings: DetectionSettings, log=print) -> dict:
         f" max |diff| cls {checks['max_abs_diff_cls_logits']:.2g}, box {checks['max_abs_diff_bbox_regression']:.2g};"
         f" detections {checks['detections_per_image_ours']} / {checks['detections_per_image_peer']}")
 
-    # Inference at batch infer_batch, postprocessing included; the peer's list of images is made once.
+    # Inference at batch infer_batch, postprocessing included, in this process; the peer's list of images is
+    # made once.
     infer_list = list(infer_images)
     image_sizes = [(size, size)] * s.infer_batch
 
@@ -229,61 +351,36 @@ def run(settings: DetectionSettings, log=print) -> dict:
     infer = interleaved({OURS: ours_infer, PEER: peer_infer, TRANSFORM: peer_transform}, s.infer_repeats,
                         s.warmup)
 
-    # Training step at batch train_batch: zero_grad, forward, loss, backward, SGD step.
-    train_images = torch.randn(s.train_batch, 3, size, size, generator=generator)
-    train_list = list(train_images)
-    ours_targets, peer_targets = random_targets(s.train_batch, size, s.num_classes, s.max_boxes_per_image,
-                                                generator)
-    checks.update(loss_checks(ours, peer, train_images, ours_targets, peer_targets))
+    checks.update(loss_checks(ours, peer, inputs.train_images, inputs.ours_targets, inputs.peer_targets))
     log(f"detection: first-step losses ours box {checks['ours_loss_box']:.4f} cls {checks['ours_loss_cls']:.4f} / "
         f"torchvision box {checks['peer_loss_box']:.4f} cls {checks['peer_loss_cls']:.4f}")
-    # Four contenders in the same rounds: each model in NCHW and in channels_last (copies, own optimizers).
-    cl = torch.channels_last
-    models = {OURS: ours, PEER: peer, OURS + CL: copy.deepcopy(ours).to(memory_format=cl),
-              PEER + CL: copy.deepcopy(peer).to(memory_format=cl)}
-    train_images_cl = train_images.contiguous(memory_format=cl)
-    train_list_cl = list(train_images_cl)
-
-    def ours_step(model, images):
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            losses = model.loss(model(images), ours_targets)
-            sum(losses.values()).backward()
-            optimizer.step()
-        return step
-
-    def peer_step(model, images):
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=4e-5)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            losses = model(images, peer_targets)
-            sum(losses.values()).backward()
-            optimizer.step()
-        return step
-
-    for model in models.values():
-        model.train()
-    train = interleaved({OURS: ours_step(ours, train_images), PEER: peer_step(peer, train_list),
-                         OURS + CL: ours_step(models[OURS + CL], train_images_cl),
-                         PEER + CL: peer_step(models[PEER + CL], train_list_cl)}, s.train_repeats, s.train_warmup)
-    train[OURS_DEFAULT], train[PEER_DEFAULT] = train[OURS + CL], train[PEER]
-    for model in models.values():
-        model.eval()
-    complexity.update({OURS + CL: complexity[OURS], PEER + CL: complexity[PEER], OURS_DEFAULT: complexity[OURS],
-                       PEER_DEFAULT: complexity[PEER]})
+    # Training step at batch train_batch: six contenders in two child processes, the same rounds.
+    train, where, checks["train_processes"] = time_training(s, log)
+    for alias, name in TRAIN_ALIASES.items():
+        train[alias], where[alias] = train[name], where[name]
+    for name, (_, side, _) in TRAIN_CONTENDERS.items():
+        complexity[name] = complexity[{"ours": OURS, "peer": PEER}[side]]
+    for alias, name in TRAIN_ALIASES.items():
+        complexity[alias] = complexity[name]
+    for name in (OURS, PEER):  # inference: this process, the allocator it started with
+        where[name] = {"process": "main", "cpu_memory": SYSTEM}
 
     rows, comparisons = [], []
     train_measure = f"train step, batch {s.train_batch}"
     for measure, samples, a, b in (
-            (f"{train_measure}, NCHW", train, OURS, PEER),
-            (f"{train_measure}, channels_last (like for like)", train, OURS + CL, PEER + CL),
+            (f"{train_measure}, NCHW, cpu_memory=system (like for like)", train, OURS + NCHW_SYSTEM,
+             PEER + NCHW_SYSTEM),
+            (f"{train_measure}, channels_last, cpu_memory=system (like for like)", train, OURS + CL_SYSTEM,
+             PEER + CL_SYSTEM),
+            (f"{train_measure}, channels_last, cpu_memory=reuse (like for like)", train, OURS + CL_REUSE,
+             PEER + CL_REUSE),
             (f"{train_measure}, each side's default", train, OURS_DEFAULT, PEER_DEFAULT),
+            (f"{train_measure}, ours channels_last: cpu_memory=reuse against system (not torchvision)", train,
+             OURS + CL_REUSE, OURS + CL_SYSTEM),
             (f"inference + postprocess, batch {s.infer_batch}", infer, OURS, PEER)):
         for name, role in ((a, "ours"), (b, "peer")):
-            rows.append(result_row("detection", name, role, measure, complexity[name], samples[name]))
+            rows.append({**result_row("detection", name, role, measure, complexity[name], samples[name]),
+                         **where[name]})
         ratio = paired_ratio(samples[a], samples[b])
         comparisons.append({"task": "detection", "measure": measure, "ours": a, "peer": b,
                             "ratio": ratio.as_dict()})
@@ -291,5 +388,3 @@ def run(settings: DetectionSettings, log=print) -> dict:
     checks["peer_transform_ms"] = summarise(infer[TRANSFORM]).as_dict()
     checks["peer_transform_samples_ms"] = infer[TRANSFORM]
     return {"settings": asdict(s), "checks": checks, "rows": rows, "comparisons": comparisons}
-
-

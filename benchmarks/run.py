@@ -1,4 +1,4 @@
-"""Side-by-side speed against torchvision, in one process, reported as ratios.
+"""Side-by-side speed against torchvision in interleaved rounds, reported as ratios.
 
     python -m benchmarks.run                 # full run (~5 minutes on 2 cores, deploy + data ~1.7 of them)
     python -m benchmarks.run --quick         # few repeats, to check that everything runs
@@ -45,6 +45,8 @@ class Plan:
 # Full: 4.4 min of CPU time with 2 threads, so about 3 min on 2 idle cores; 8.5 min measured with the load
 # average at 3-7 on 2 cores (other jobs running), where the figures are not worth quoting anyway.
 # deploy + data: 99 s measured on 2 idle cores (load average 1.5 -> 1.9), exports and quantization included.
+# Not yet re-measured since detection's training rows grew from 4 contenders x 5 rounds to 6 x 7 (two child
+# processes, benchmarks/processes.py): about 22 more steps of ~1.3-2.7 s on 2 cores.
 FULL = Plan(detection.DetectionSettings(), segmentation.SegmentationSettings())
 QUICK = Plan(detection.DetectionSettings(train_repeats=1, train_warmup=1, infer_repeats=3, warmup=1),
              segmentation.SegmentationSettings(repeats=2, warmup=1),
@@ -119,22 +121,29 @@ def run_all(plan: Plan, only: Sequence[str] = TASKS, log=print) -> dict:
 
 
 def format_table(results: dict) -> str:
-    header = (f"{'model':<52} {'params M':>8} {'MAdds B':>8} {'median ms':>10} {'IQR ms':>8}  "
-              f"ratio vs peer [q1, q3]")
+    width = max([52, *(len(row["model"]) for row in results["rows"])])
+    header = (f"{'model':<{width}} {'params M':>8} {'MAdds B':>8} {'median ms':>10} {'IQR ms':>8}  "
+              f"{'ratio vs peer [q1, q3]':<22}")
+    faults = "  page faults/step"  # rows timed in a child process (benchmarks/processes.py) count them
     lines, measure = [], None
     for row in results["rows"]:
         if (row["task"], row["measure"]) != measure:
             measure = (row["task"], row["measure"])
-            lines += ["", f"{row['task']}: {row['measure']}", header, "-" * len(header)]
+            top = header + (faults if "minor_faults_per_step" in row else "")
+            lines += ["", f"{row['task']}: {row['measure']}", top.rstrip(), "-" * len(top.rstrip())]
         elif row["role"] == "ours" and len(lines) and not lines[-1].startswith("-"):
             lines.append("")  # next pair under the same measure
         t, r = row["time_ms"], row["ratio"]
         ratio = f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]" if r else "(peer)"
-        lines.append(f"{row['model']:<52} {row['params'] / 1e6:>8.2f} {row['madds'] / 1e9:>8.2f} "
-                     f"{t['median']:>10.1f} {t['iqr']:>8.1f}  {ratio}")
+        line = (f"{row['model']:<{width}} {row['params'] / 1e6:>8.2f} {row['madds'] / 1e9:>8.2f} "
+                f"{t['median']:>10.1f} {t['iqr']:>8.1f}  {ratio:<22}")
+        if "minor_faults_per_step" in row:
+            line += f"  {row['minor_faults_per_step']['median']:>{len(faults) - 2},.0f}"
+        lines.append(line.rstrip())
     if results["rows"]:
-        lines += ["", "ratio = our time / torchvision's time, median over interleaved rounds "
-                      "(< 1: ours is faster)"]
+        lines += ["", "ratio = the upper row's time / the lower row's (ours / torchvision's, unless the measure names "
+                      "two of ours),", "median of the per-round ratios over interleaved rounds (< 1: the upper row is "
+                      "faster)"]
     for task, module in SECTIONS.items():
         if task in results:
             lines += module.format_table(results[task]).splitlines()

@@ -95,7 +95,7 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     assert env["cpu_model"] and env["date"] and "--quick" in env["command"]
 
     rows = results["rows"]
-    assert [(r["task"], r["role"]) for r in rows] == [("detection", "ours"), ("detection", "peer")] * 4 + [
+    assert [(r["task"], r["role"]) for r in rows] == [("detection", "ours"), ("detection", "peer")] * 6 + [
         ("segmentation", "ours"), ("segmentation", "peer")] * 2
     for row in rows:
         assert len(row["samples_ms"]) == 1 and row["time_ms"]["median"] == row["samples_ms"][0] > 0
@@ -103,15 +103,31 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
         assert (row["ratio"] is None) == (row["role"] == "peer")
         assert row["model"] in printed
     for ours, peer in zip(rows[::2], rows[1::2]):
+        assert ours["ratio"]["median"] > 0
         assert ours["ratio"]["median"] == pytest.approx(ours["samples_ms"][0] / peer["samples_ms"][0])
-    assert len(results["comparisons"]) == 6
-    # Training: NCHW, channels_last on both sides, and each side's default (ours channels_last, torchvision NCHW)
-    # from the same four contenders of the same rounds.
+    assert len(results["comparisons"]) == 8
+    # Training: NCHW and channels_last like for like with the C library's malloc, channels_last like for like
+    # with freed memory reused, each side's default (ours channels_last + reuse, torchvision NCHW + system), and
+    # ours with reuse against ours without, from six contenders of the same rounds in two child processes.
+    d = detection
     train = [r for r in rows if r["measure"].startswith("train step")]
-    assert [r["model"] for r in train] == [detection.OURS, detection.PEER, detection.OURS + detection.CL,
-                                           detection.PEER + detection.CL, detection.OURS_DEFAULT,
-                                           detection.PEER_DEFAULT]
-    assert train[4]["samples_ms"] == train[2]["samples_ms"] and train[5]["samples_ms"] == train[1]["samples_ms"]
+    assert [r["model"] for r in train] == [
+        d.OURS + d.NCHW_SYSTEM, d.PEER + d.NCHW_SYSTEM, d.OURS + d.CL_SYSTEM, d.PEER + d.CL_SYSTEM,
+        d.OURS + d.CL_REUSE, d.PEER + d.CL_REUSE, d.OURS_DEFAULT, d.PEER_DEFAULT, d.OURS + d.CL_REUSE,
+        d.OURS + d.CL_SYSTEM]
+    assert [c["measure"] for c in results["comparisons"][:5]] == [r["measure"] for r in train[::2]]
+    assert train[6]["samples_ms"] == train[4]["samples_ms"] and train[7]["samples_ms"] == train[1]["samples_ms"]
+    processes = results["checks"]["detection"]["train_processes"]
+    assert set(processes) == {"system", "reuse"} and processes["system"]["pid"] != processes["reuse"]["pid"]
+    assert processes["system"]["memory_reuse_applied"] is False and processes["reuse"]["cpu_memory"] == "reuse"
+    assert all(p["threads"] == 1 for p in processes.values())
+    for row in train:  # where each contender ran, and its page faults per timed step
+        child = "reuse" if row["model"] in (d.OURS + d.CL_REUSE, d.PEER + d.CL_REUSE, d.OURS_DEFAULT) else "system"
+        assert (row["process"], row["cpu_memory"], row["pid"]) == (child, child, processes[child]["pid"])
+        assert row["layout"] == ("NCHW" if d.NCHW_SYSTEM in row["model"] else "channels_last")
+        assert len(row["minor_faults_samples"]) == 1 and len(row["minor_faults_warmup"]) == 1
+        assert row["minor_faults_per_step"]["median"] == row["minor_faults_samples"][0] >= 0
+    assert all(r["process"] == "main" for r in rows[10:12])  # inference: in this process
 
     # Detection: the peer is the same network (parameters, MAdds, outputs, losses), checked before timing.
     det = results["checks"]["detection"]
@@ -125,7 +141,7 @@ def test_cli_runs_every_benchmark_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     # Segmentation: torchvision's parameter counts, straight from torchvision.
     peers = {segmentation.PEER_LIGHT: torchvision.models.segmentation.lraspp_mobilenet_v3_large,
              segmentation.PEER_ASPP: torchvision.models.segmentation.deeplabv3_mobilenet_v3_large}
-    for row in rows[8:]:
+    for row in rows[12:]:
         if row["role"] == "peer":
             model = peers[row["model"]](weights=None, weights_backbone=None, num_classes=4)
             assert row["params"] == sum(p.numel() for p in model.parameters())
