@@ -301,7 +301,7 @@ def test_browse_shows_device_augmentation_as_the_cpu_path_would(dataset, tmp_pat
 def test_browse_cli_runs_and_refuses_an_unknown_split(tmp_path):
     command = [sys.executable, "-m", "tasks.browse", f"dataset.root={tmp_path / 'shapes'}",
                "dataset.prepare.num_train=4", "dataset.prepare.num_val=2", "dataset.prepare.image_size=64", "n=2",
-               f"output_dir={tmp_path / 'out'}"]
+               f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"]  # nothing left in the repo
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert str(tmp_path / "out" / "samples_train.png") in run.stdout
