@@ -1,6 +1,6 @@
 """Side-by-side speed against torchvision in interleaved rounds, reported as ratios.
 
-    python -m benchmarks.run                 # full run (~5 minutes on 2 cores, deploy + data ~1.7 of them)
+    python -m benchmarks.run                 # full run (~6 minutes on 2 cores, deploy + data ~1.7 of them)
     python -m benchmarks.run --quick         # few repeats, to check that everything runs
     python -m benchmarks.run --threads 1 --only segmentation --out /tmp/seg.json
     python -m benchmarks.run --only deploy --only data   # deployment paths; data loading vs training step
@@ -42,11 +42,10 @@ class Plan:
     postprocess: postprocess.PostprocessSettings = postprocess.PostprocessSettings()
 
 
-# Full: 4.4 min of CPU time with 2 threads, so about 3 min on 2 idle cores; 8.5 min measured with the load
-# average at 3-7 on 2 cores (other jobs running), where the figures are not worth quoting anyway.
-# deploy + data: 99 s measured on 2 idle cores (load average 1.5 -> 1.9), exports and quantization included.
-# Not yet re-measured since detection's training rows grew from 4 contenders x 5 rounds to 6 x 7 (two child
-# processes, benchmarks/processes.py): about 22 more steps of ~1.3-2.7 s on 2 cores.
+# Full: 6.2 min on 2 idle cores (2026-11-30, load average 0.3 -> 1.9), detection alone 2.3 min since its
+# training rows run 6 contenders x 7 rounds in two child processes (benchmarks/processes.py); deploy + data:
+# 99 s measured on 2 idle cores, exports and quantization included. On a busy machine the figures are not
+# worth quoting anyway (8.5 min measured at a load average of 3-7 before the child processes).
 FULL = Plan(detection.DetectionSettings(), segmentation.SegmentationSettings())
 QUICK = Plan(detection.DetectionSettings(train_repeats=1, train_warmup=1, infer_repeats=3, warmup=1),
              segmentation.SegmentationSettings(repeats=2, warmup=1),
