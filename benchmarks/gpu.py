@@ -254,6 +254,21 @@ def fastest(rows: list[dict]) -> str:
                      for (b, who), r in best.items())
 
 
+def time_training_batch(builders: dict[str, Callable[[], Callable[[], None]]], keys: dict[str, tuple], batch: int,
+                        s: GpuSettings, clock: Clock, failures: dict[str, str],
+                        peer_of: Callable[[tuple], tuple | None] | None) -> tuple[list[dict], str]:
+    """One batch size's contenders timed: (their rows, their markdown table); failures are added to `failures`.
+    `peer_of` maps our key to torchvision's (None: no peer column); each row's base is its own NCHW fp32."""
+    samples, failed = timed_contenders(builders, s, clock, s.train_repeats, s.train_warmup)
+    failures.update({f"batch {batch}: {k}": v for k, v in failed.items()})
+    rows = training_rows(samples, keys, batch, peer_of=peer_of or (lambda k: None),
+                         base_of=lambda k: (k[0], "NCHW", "fp32"))
+    del samples
+    if clock.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, training_table(rows, with_peer=peer_of is not None)
+
+
 def detection_train(s: GpuSettings, clock: Clock) -> dict:
     from . import detection as det
 
@@ -289,16 +304,11 @@ def detection_train(s: GpuSettings, clock: Clock) -> dict:
                         builders[name] = (lambda f=memory_format, x=x, p=precision, t=peer_targets: peer_step(
                             copy.deepcopy(peer).to(device, memory_format=f).train(), list(x), t, p, s.lr))
         clock.log(f"detection_train: batch {batch}, {len(builders)} contenders at {size} px")
-        samples, failed = timed_contenders(builders, s, clock, s.train_repeats, s.train_warmup)
-        failures.update({f"batch {batch}: {k}": v for k, v in failed.items()})
-        rows = training_rows(samples, keys, batch,
-                             peer_of=lambda k: ("torchvision", k[1], k[2]) if k[0] == "ours" else None,
-                             base_of=lambda k: (k[0], "NCHW", "fp32"))
+        rows, table = time_training_batch(builders, keys, batch, s, clock, failures,
+                                          peer_of=lambda k: ("torchvision", k[1], k[2]) if k[0] == "ours" else None)
         results += rows
-        tables.append(training_table(rows, with_peer=True))
-        del builders, samples
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        tables.append(table)
+        del builders
     title = (f"detection_train: SSDLite-MobileNetV2 @ {size}, {s.det_classes} classes, SGD step; ratios paired per "
              f"round (< 1: faster); torchvision = benchmarks/detection.py's like-for-like peer, our weights")
     return {"result": {"rows": results, "failures": failures, "size": size, "classes": s.det_classes,
@@ -344,14 +354,10 @@ def segmentation_train(s: GpuSettings, clock: Clock) -> dict:
                 builders[name] = (lambda f=memory_format, x=x, p=precision, t=targets: our_step(
                     copy.deepcopy(model).to(device, memory_format=f).train(), x, t, p, s.lr))
         clock.log(f"segmentation_train: batch {batch}, {len(builders)} contenders at {size} px")
-        samples, failed = timed_contenders(builders, s, clock, s.train_repeats, s.train_warmup)
-        failures.update({f"batch {batch}: {k}": v for k, v in failed.items()})
-        rows = training_rows(samples, keys, batch, peer_of=lambda k: None, base_of=lambda k: (k[0], "NCHW", "fp32"))
+        rows, table = time_training_batch(builders, keys, batch, s, clock, failures, peer_of=None)
         results += rows
-        tables.append(training_table(rows, with_peer=False))
-        del builders, samples
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        tables.append(table)
+        del builders
     title = (f"segmentation_train: Mobile DeepLabv3 (MobileNetV2* OS16, light head) @ {size}, {s.seg_classes} "
              f"classes, SGD step")
     return {"result": {"rows": results, "failures": failures, "size": size, "fastest": fastest(results)},
